@@ -1,0 +1,144 @@
+"""Token batches: left-padded prompts, right-padded responses, and the logits that score them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opdistill.tasks.base import Example
+
+
+@dataclass
+class Batch:
+    """Prompts and responses of one micro-batch.
+
+    prompt_ids/prompt_mask: [B, P], left-padded (generation appends on the right).
+    response_ids/response_mask: [B, R], right-padded; the mask covers every generated token up to
+    and including the first EOS and nothing after it.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    examples: Sequence[Example] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.prompt_ids.to(device),
+            self.prompt_mask.to(device),
+            self.response_ids.to(device),
+            self.response_mask.to(device),
+            self.examples,
+        )
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a user turn formatted with the tokenizer's chat template, ready to generate."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
+    """Token ids of an assistant response, terminated by EOS."""
+    return [*tokenizer(completion, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stack sequences, padding on the left; return ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stack sequences, padding on the right; return ids and mask."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def response_mask_after_eos(response_ids: Tensor, eos_id: int) -> Tensor:
+    """1 on every token up to and including the first EOS of each row, 0 after it."""
+    is_eos = response_ids == eos_id
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).long()
+
+
+def sequence_logits(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    vocab_size: int,
+) -> Tensor:
+    """Logits [B, R, vocab_size] that predict each response token.
+
+    Positions follow the attention mask, as in generation, so left padding changes nothing; only
+    response positions are projected to the vocabulary, and columns past `vocab_size` (embedding
+    padding beyond the tokenizer) are dropped.
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    num_response = response_ids.shape[1]
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_response + 1,
+        use_cache=False,
+    )
+    return output.logits[:, :-1, :vocab_size]
+
+
+def batch_logits(model: PreTrainedModel, batch: Batch, vocab_size: int) -> Tensor:
+    """`sequence_logits` for a `Batch`."""
+    return sequence_logits(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.response_ids,
+        batch.response_mask,
+        vocab_size,
+    )
+
+
+def dataset_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> Batch:
+    """A batch whose responses are the examples' reference completions."""
+    missing = [e.prompt[:40] for e in examples if e.completion is None]
+    if missing:
+        from opdistill.errors import OpdistillError
+
+        raise OpdistillError(
+            f"off-policy dataset batches need a 'completion' for every example; "
+            f"missing for prompt {missing[0]!r}"
+        )
+    prompt_ids, prompt_mask = left_pad(
+        [chat_prompt(tokenizer, e.prompt) for e in examples], tokenizer.pad_token_id
+    )
+    response_ids, response_mask = right_pad(
+        [completion_ids(tokenizer, e.completion) for e in examples], tokenizer.pad_token_id
+    )
+    return Batch(prompt_ids, prompt_mask, response_ids, response_mask, list(examples))

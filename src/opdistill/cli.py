@@ -1,0 +1,164 @@
+"""Command line: `opdistill train`, `opdistill eval`, `opdistill demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from opdistill.errors import OpdistillError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from opdistill.config import load_config
+    from opdistill.trainer import build_trainer
+
+    config = load_config(args.config, args.set)
+    output = Path(config.train.output_dir)
+    if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
+        raise OpdistillError(
+            f"output directory {str(output)!r} is not empty: pass --resume to continue the run "
+            "there or --overwrite to replace it"
+        )
+    if args.overwrite and not args.resume and output.exists():
+        shutil.rmtree(output)
+    trainer = build_trainer(config)
+    metrics = trainer.train(resume=args.resume)
+    if metrics and trainer.accelerator.is_main_process:
+        print(json.dumps(metrics, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from opdistill.config import load_config
+    from opdistill.eval import evaluate
+    from opdistill.models import check_tokenizers_match, load_model, load_tokenizer
+    from opdistill.tasks import make_task
+    from opdistill.teacher import ModelTeacher
+
+    overrides = list(args.set)
+    if args.model:
+        overrides.append(f"model.student={args.model}")
+    config = load_config(args.config, overrides)
+    mc, dc, ec = config.model, config.data, config.eval
+    tokenizer = load_tokenizer(mc.tokenizer or mc.student)
+    model = load_model(mc.student, mc.dtype)
+    teacher = None
+    if mc.teacher and not args.no_teacher:
+        check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
+        teacher = ModelTeacher(load_model(mc.teacher, mc.dtype), len(tokenizer))
+    task = make_task(dc.task, **dc.task_args)
+    examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
+    metrics = evaluate(
+        model,
+        tokenizer,
+        task,
+        examples,
+        num_samples=ec.num_samples,
+        ks=ec.ks,
+        temperature=ec.temperature,
+        max_new_tokens=ec.max_new_tokens,
+        batch_size=ec.batch_size,
+        teacher=teacher,
+        seed=dc.seed,
+    )
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from opdistill.demo import run_demo
+
+    run_demo(
+        output_dir=Path(args.output_dir),
+        cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
+        seeds=args.seeds,
+        steps=args.steps,
+        prepare_only=args.prepare_only,
+        quick=args.quick,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opdistill", description="On-policy distillation of language models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a student from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in train.output_dir",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete a non-empty train.output_dir first"
+    )
+    train.set_defaults(func=_train)
+
+    ev = commands.add_parser("eval", help="evaluate a model on the config's task")
+    ev.add_argument("config", help="YAML config file (its data and eval sections are used)")
+    ev.add_argument("--model", help="model to evaluate (default: the config's model.student)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--no-teacher", action="store_true", help="skip the distance to the teacher")
+    ev.add_argument("--output", help="also write the metrics as JSON to this file")
+    ev.set_defaults(func=_eval)
+
+    demo = commands.add_parser(
+        "demo", help="the embedded default: distill a tiny teacher into a student on CPU"
+    )
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the trained teacher and initial student are kept "
+        "(default: $OPDISTILL_CACHE or ~/.cache/opdistill)",
+    )
+    demo.add_argument("--seeds", type=int, default=3)
+    demo.add_argument("--steps", type=int, default=None, help="steps per method")
+    demo.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build the tokenizer, teacher and initial student",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke-test sized run (minutes → seconds); numbers not meaningful",
+    )
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars; ours is the training bar
+    try:
+        args.func(args)
+    except OpdistillError as error:
+        print(f"opdistill: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opdistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Run configuration: YAML files mapped onto typed dataclasses, with `key=value` overrides.
+
+Every unknown or ill-typed key is an `OpdistillError` naming the key (and the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from opdistill.errors import OpdistillError
+from opdistill.losses import DIVERGENCE_KINDS
+
+LossKind = Literal[
+    "nll", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which networks to load. Paths or hub ids; the tokenizer defaults to the student's."""
+
+    student: str = ""
+    teacher: str | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a synthetic task ("graph", "arithmetic") or user data."""
+
+    task: str = "graph"
+    task_args: dict[str, Any] = field(default_factory=dict)
+    train_size: int = 2000
+    eval_size: int = 100
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """The per-token objective and its reduction (see docs and the objectives spec)."""
+
+    kind: LossKind = "reverse_kl"
+    beta: float = 0.5
+    alpha: float = 0.1
+    temperature: float = 1.0
+    reduction: Literal["token", "sequence"] = "token"
+
+
+@dataclass
+class TrainConfig:
+    """The GKD loop. `student_data_fraction` is λ: the chance that a step uses student rollouts."""
+
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    student_data_fraction: float = 1.0
+    off_policy_source: Literal["dataset", "teacher"] = "dataset"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    output_dir: str = "runs/default"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy accuracy, pass@k from `num_samples` samples per prompt."""
+
+    num_prompts: int = 100
+    num_samples: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16])
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise OpdistillError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except OpdistillError as error:
+                errors.append(str(error))
+        raise OpdistillError(errors[0] if len(errors) == 1 else f"{key}: {value!r} has wrong type")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise OpdistillError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = get_args(tp)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise OpdistillError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise OpdistillError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OpdistillError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OpdistillError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise OpdistillError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise OpdistillError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise OpdistillError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise OpdistillError(f"unknown key {dotted!r} (valid: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from nested plain data."""
+    config = _build(Config, values, "")
+    validate(config)
+    return config
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise OpdistillError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise OpdistillError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or "invalid YAML"
+            raise OpdistillError(f"{path}{where}: {problem}") from error
+        if not isinstance(values, dict):
+            raise OpdistillError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise OpdistillError(f"--set {item!r}: {part!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        return config_from_dict(values)
+    except OpdistillError as error:
+        raise OpdistillError(f"{path}: {error}" if path else str(error)) from None
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values before any compute is spent."""
+    t, loss, ev = config.train, config.loss, config.eval
+    checks = [
+        (0.0 <= t.student_data_fraction <= 1.0, "train.student_data_fraction must be in [0, 1]"),
+        (t.steps >= 0, "train.steps must be >= 0"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.max_new_tokens >= 1, "train.max_new_tokens must be >= 1"),
+        (t.temperature > 0, "train.temperature (sampling) must be > 0"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every/save_every must be >= 0"),
+        (loss.temperature > 0, "loss.temperature must be > 0"),
+        (ev.num_samples >= 1, "eval.num_samples must be >= 1"),
+        (ev.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
+        (ev.temperature > 0, "eval.temperature must be > 0"),
+        (ev.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (
+            all(1 <= k <= ev.num_samples for k in ev.ks),
+            f"eval.ks must lie in [1, eval.num_samples={ev.num_samples}]",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
+    if loss.kind == "jsd" and not 0.0 < loss.beta < 1.0:
+        raise OpdistillError(
+            f"loss.beta={loss.beta}: jsd needs beta in (0, 1); at 0 or 1 it is identically 0 "
+            "(use kind forward_kl or reverse_kl instead)"
+        )
+    if loss.kind in ("skew_forward_kl", "skew_reverse_kl") and not 0.0 <= loss.alpha < 1.0:
+        raise OpdistillError(f"loss.alpha={loss.alpha}: skew divergences need alpha in [0, 1)")
+    needs_teacher = loss.kind != "nll" or (
+        t.student_data_fraction < 1.0 and t.off_policy_source == "teacher"
+    )
+    if needs_teacher and not config.model.teacher:
+        raise OpdistillError(
+            f"model.teacher is required for loss.kind={loss.kind!r} "
+            f"with off_policy_source={t.off_policy_source!r}"
+        )
+    if not config.model.student:
+        raise OpdistillError("model.student is required (a local path or hub id)")
+    assert set(typing.get_args(LossKind)) == {"nll", *DIVERGENCE_KINDS}
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested data, for saving next to a run."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,30 @@
+"""Evaluation: pass@k and diversity metrics, pass@k plots and seed-aggregated reports."""
+
+from __future__ import annotations
+
+from opdistill.eval.evaluate import curve_ks, evaluate
+from opdistill.eval.metrics import (
+    avg_at_k,
+    distinct_correct,
+    distinct_n,
+    mean_distinct_correct,
+    pass_at_k,
+    pass_at_k_curve,
+)
+from opdistill.eval.plots import plot_pass_at_k
+from opdistill.eval.report import markdown_table, summarise, summarise_curves
+
+__all__ = [
+    "avg_at_k",
+    "curve_ks",
+    "distinct_correct",
+    "distinct_n",
+    "evaluate",
+    "markdown_table",
+    "mean_distinct_correct",
+    "pass_at_k",
+    "pass_at_k_curve",
+    "plot_pass_at_k",
+    "summarise",
+    "summarise_curves",
+]

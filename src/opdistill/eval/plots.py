@@ -1,0 +1,74 @@
+"""pass@k curves as a PNG (matplotlib, Agg canvas; no global pyplot state is touched)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+PassAtKCurves = Mapping[str, Mapping[int, tuple[float, float] | float]]
+
+
+def _mean_std(value: tuple[float, float] | float) -> tuple[float, float | None]:
+    if isinstance(value, tuple | list):
+        mean, std = value
+        return float(mean), float(std)
+    return float(value), None
+
+
+def plot_pass_at_k(
+    curves: PassAtKCurves,
+    path: str | Path,
+    title: str = "pass@k",
+    dpi: int = 120,
+) -> Path:
+    """Plot one pass@k line per method on a log2 k axis and save it as a PNG at `path`.
+
+    `curves` maps method → k → (mean, std); a ±std band is shaded around each line.
+    A bare float instead of (mean, std) plots the mean without a band.
+    Parent folders are created. Returns the path written.
+    """
+    if not curves:
+        raise ValueError("plot_pass_at_k needs at least one curve")
+    # Imported here so that `import opdistill.eval` does not pay for matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig = Figure(figsize=(6.0, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    all_ks: set[int] = set()
+    for method, curve in curves.items():
+        ks = sorted(curve)
+        if not ks:
+            raise ValueError(f"curve for {method!r} is empty")
+        if ks[0] < 1:
+            raise ValueError(f"curve for {method!r} has k < 1: {ks[0]}")
+        all_ks.update(ks)
+        points = [_mean_std(curve[k]) for k in ks]
+        means = [m for m, _ in points]
+        (line,) = ax.plot(ks, means, marker="o", markersize=3, label=method)
+        stds = [s for _, s in points if s is not None]
+        if len(stds) == len(points):
+            lo = [max(0.0, m - s) for m, s in zip(means, stds, strict=True)]
+            hi = [min(1.0, m + s) for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ticks = sorted(all_ks)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{round(x):d}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) > 1:
+        ax.set_xlim(ticks[0] / math.sqrt(2), ticks[-1] * math.sqrt(2))
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    fig.clear()
+    return out

@@ -1,0 +1,129 @@
+"""Multi-step arithmetic word problems (GSM8K-like) with a worked solution and a final answer.
+
+Text format (numbers in decimal digits; the answer follows "####")::
+
+    prompt:     "Tom has 3 apples . He buys 4 more . He gives away 2 .
+                 How many apples does Tom have ?"   (one line)
+    completion: "3 + 4 = 7 . 7 - 2 = 5 . #### 5"
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from opdistill.errors import OpdistillError
+from opdistill.tasks.base import Example, Task, check_int, generate_split
+
+NAMES = (
+    ("Tom", "He"),
+    ("Ann", "She"),
+    ("Bob", "He"),
+    ("Eva", "She"),
+    ("Sam", "He"),
+    ("Mia", "She"),
+    ("Leo", "He"),
+    ("Zoe", "She"),
+    ("Ben", "He"),
+    ("Amy", "She"),
+    ("Max", "He"),
+    ("Lia", "She"),
+)
+ITEMS = (
+    ("apple", "apples"),
+    ("pen", "pens"),
+    ("coin", "coins"),
+    ("card", "cards"),
+    ("book", "books"),
+    ("stone", "stones"),
+    ("shell", "shells"),
+    ("marble", "marbles"),
+    ("sticker", "stickers"),
+    ("cookie", "cookies"),
+)
+ADD_VERBS = ("buys {k} more", "finds {k} more", "gets {k} more", "receives {k} more")
+SUB_VERBS = ("gives away {k}", "loses {k}", "sells {k}")
+MUL_VERBS = {2: "doubles them", 3: "triples them"}
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def parse_final_answer(response: str) -> int | None:
+    """The integer after the last "####", ignoring whitespace inside it ("1 2" -> 12)."""
+    if "####" not in response:
+        return None
+    text = "".join(response.rsplit("####", 1)[1].split())
+    return int(text) if _INT.fullmatch(text) else None
+
+
+@dataclass
+class ArithmeticTask(Task):
+    """Word problems: a starting amount, then `num_steps` additions/subtractions (/doublings).
+
+    num_steps: number of operations after the starting amount.
+    max_value: every intermediate value stays within [0, max_value].
+    allow_multiply: also use "doubles"/"triples" when the product stays within range.
+    """
+
+    name: ClassVar[str] = "arithmetic"
+
+    num_steps: int = 2
+    max_value: int = 20
+    allow_multiply: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("num_steps", self.num_steps, 1)
+        check_int("max_value", self.max_value, 2)
+        if not isinstance(self.allow_multiply, bool):
+            got = self.allow_multiply
+            raise OpdistillError(f"allow_multiply: must be true or false, got {got!r}")
+
+    def _make(self, rng: random.Random) -> Example:
+        name, pronoun = rng.choice(NAMES)
+        singular, plural = rng.choice(ITEMS)
+        value = rng.randint(1, self.max_value)
+        sentences = [f"{name} has {value} {singular if value == 1 else plural} ."]
+        steps: list[str] = []
+        for _ in range(self.num_steps):
+            ops = []
+            if value < self.max_value:
+                ops.append("+")
+            if value > 0:
+                ops.append("-")
+            if self.allow_multiply and value > 0 and 2 * value <= self.max_value:
+                ops.append("*")
+            op = rng.choice(ops)
+            if op == "+":
+                k = rng.randint(1, self.max_value - value)
+                verb, new = rng.choice(ADD_VERBS).format(k=k), value + k
+            elif op == "-":
+                k = rng.randint(1, value)
+                verb, new = rng.choice(SUB_VERBS).format(k=k), value - k
+            else:
+                k = rng.choice([f for f in MUL_VERBS if f * value <= self.max_value])
+                verb, new = MUL_VERBS[k], value * k
+            sentences.append(f"{pronoun} {verb} .")
+            steps.append(f"{value} {op} {k} = {new} .")
+            value = new
+        sentences.append(f"How many {plural} does {name} have ?")
+        solution = " ".join([*steps, f"#### {value}"])
+        return Example(
+            prompt=" ".join(sentences),
+            completion=solution,
+            reference=solution,
+            meta={"answer": value},
+        )
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        """`n` distinct problems of `split`; eval prompts are a fixed hash-partition of all."""
+        return generate_split(self.name, self._make, split, n, seed)
+
+    def is_correct(self, example: Example, response: str) -> bool:
+        """The integer after the last "####" equals the answer."""
+        return parse_final_answer(response) == example.meta["answer"]
+
+    def solution_key(self, example: Example, response: str) -> str:
+        """The whitespace-normalised worked solution."""
+        return " ".join(response.split())

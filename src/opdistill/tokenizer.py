@@ -1,0 +1,41 @@
+"""Word-level tokenizers trained locally for the synthetic tasks, as transformers tokenizers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, USER, ASSISTANT]
+
+# One user turn and, when generating, the assistant tag; assistant turns end with EOS.
+CHAT_TEMPLATE = (
+    "{{ '" + BOS + "' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}"
+    "{% if message['role'] == 'assistant' %}{{ '" + EOS + " ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + " ' }}{% endif %}"
+)
+
+
+def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Train a word-level tokenizer on `texts` (words, punctuation runs, single digits).
+
+    The result is a transformers fast tokenizer with pad/bos/eos/unk tokens and a chat template,
+    so it saves and loads with save_pretrained/from_pretrained like any hub tokenizer.
+    """
+    backend = Tokenizer(models.WordLevel(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -1,0 +1,426 @@
+"""The on-policy distillation loop (GKD, Agarwal et al. 2024).
+
+One optimizer step, top to bottom (`Trainer.step`):
+  1. pick the batch source: student rollouts with probability λ (`student_data_fraction`), else the
+     off-policy source (dataset completions, or teacher generations = SeqKD);
+  2. roll out (or read the dataset);
+  3. score every response token with the teacher (no gradient);
+  4. compute the loss: NLL or a token divergence, reduced over all response tokens of the step;
+  5. clip, step the optimizer and the schedule.
+Methods (SFT, supervised KD, SeqKD, on-policy GKD, mixed λ) are configurations of this loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from opdistill.batch import Batch, batch_logits, dataset_batch
+from opdistill.config import Config, config_to_dict
+from opdistill.errors import OpdistillError
+from opdistill.eval.evaluate import evaluate
+from opdistill.losses import reduce_loss, token_divergence, token_nll
+from opdistill.models import check_tokenizers_match, load_model, load_tokenizer
+from opdistill.rollout import HFGenerateRollout
+from opdistill.tasks import make_task
+from opdistill.tasks.base import Example, Task
+from opdistill.teacher import ModelTeacher, Teacher
+
+CHECKPOINT_DONE = "COMPLETE"
+
+
+class ExampleStream:
+    """Endless seeded shuffles of the training examples; its position is part of checkpoints."""
+
+    def __init__(self, examples: Sequence[Example], seed: int):
+        if not examples:
+            raise OpdistillError("the training set is empty")
+        self.examples = list(examples)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Example]:
+        taken = []
+        while len(taken) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            taken.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return taken
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did."""
+
+    loss: float
+    on_policy: bool
+    num_tokens: int
+    grad_norm: float
+    lr: float
+    seconds: float
+
+
+class Trainer:
+    """Trains `student` against `teacher` following `config`; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        train_examples: Sequence[Example],
+        eval_examples: Sequence[Example] = (),
+        teacher_model: PreTrainedModel | None = None,
+        teacher: Teacher | None = None,
+    ):
+        self.config = config
+        tc = config.train
+        self.accelerator = Accelerator()
+        set_seed(tc.seed)
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.task = task
+        self.eval_examples = list(eval_examples)
+        self.stream = ExampleStream(train_examples, tc.seed)
+        self.coin = random.Random(tc.seed)  # λ coin: identical on every process
+        self.step_count = 0
+
+        self.optimizer = torch.optim.AdamW(
+            student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            "cosine_with_min_lr",
+            self.optimizer,
+            num_warmup_steps=tc.warmup_steps,
+            num_training_steps=max(1, tc.steps),
+            scheduler_specific_kwargs={"min_lr_rate": tc.min_lr_ratio},
+        )
+        self.student, self.optimizer, self.scheduler = self.accelerator.prepare(
+            student, self.optimizer, self.scheduler
+        )
+        self.rollout = HFGenerateRollout(self.accelerator.unwrap_model(self.student), tokenizer)
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.to(self.accelerator.device)
+            self.teacher_rollout = HFGenerateRollout(teacher_model, tokenizer)
+            teacher = teacher or ModelTeacher(teacher_model, self.vocab_size)
+        self.teacher = teacher
+        needs_teacher = config.loss.kind != "nll" or (
+            tc.student_data_fraction < 1.0 and tc.off_policy_source == "teacher"
+        )
+        if needs_teacher and teacher is None:
+            raise OpdistillError(
+                f"loss.kind={config.loss.kind!r} / train.off_policy_source="
+                f"{tc.off_policy_source!r} needs a teacher model"
+            )
+
+        self.output_dir = Path(tc.output_dir)
+        self._writer: SummaryWriter | None = None
+
+    # ----------------------------------------------------------------------------------- step
+    def step(self) -> StepStats:
+        """One optimizer step over `batch_size × grad_accum` prompts on each process."""
+        tc, lc = self.config.train, self.config.loss
+        started = time.perf_counter()
+        self.student.train()
+
+        # 1. Pick the batch source with probability λ.
+        on_policy = self.coin.random() < tc.student_data_fraction
+        micro_examples = [self.stream.take(tc.batch_size) for _ in range(tc.grad_accum)]
+
+        # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
+        if on_policy:
+            batches = [self._sample(self.rollout, ex) for ex in micro_examples]
+        elif tc.off_policy_source == "teacher":
+            batches = [self._sample(self.teacher_rollout, ex) for ex in micro_examples]
+        else:
+            batches = [dataset_batch(self.tokenizer, ex) for ex in micro_examples]
+
+        # The loss is a mean over every response token of the step, on every process.
+        num_tokens = self._global_sum(sum(b.num_tokens for b in batches))
+        num_sequences = self._global_sum(sum(len(b.examples) for b in batches))
+        world = self.accelerator.num_processes  # DDP averages gradients over processes
+
+        total_loss = 0.0
+        for index, batch in enumerate(batches):
+            batch = batch.to(self.accelerator.device)
+            last = index == len(batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.student):
+                # 3. Score with the teacher (no gradient).
+                teacher_logits = self.teacher.logits(batch) if lc.kind != "nll" else None
+                # 4. Loss.
+                student_logits = batch_logits(self.student, batch, self.vocab_size)
+                per_token = self._token_loss(student_logits, teacher_logits, batch)
+                loss = reduce_loss(
+                    per_token,
+                    batch.response_mask,
+                    lc.reduction,
+                    num_tokens=num_tokens,
+                    num_sequences=num_sequences,
+                )
+                self.accelerator.backward(loss * world)
+            total_loss += float(loss.detach()) * world
+
+        # 5. Clip and step.
+        grad_norm = float("nan")
+        if tc.max_grad_norm > 0:
+            grad_norm = float(
+                self.accelerator.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return StepStats(
+            loss=self._global_mean(total_loss),
+            on_policy=on_policy,
+            num_tokens=num_tokens,
+            grad_norm=grad_norm,
+            lr=lr,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _sample(self, rollout: HFGenerateRollout, examples: list[Example]) -> Batch:
+        tc = self.config.train
+        return rollout.generate(examples, tc.max_new_tokens, tc.temperature)
+
+    def _token_loss(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch
+    ) -> Tensor:
+        lc = self.config.loss
+        if lc.kind == "nll":
+            return token_nll(student_logits, batch.response_ids, temperature=lc.temperature)
+        return token_divergence(
+            student_logits,
+            teacher_logits,
+            lc.kind,
+            beta=lc.beta,
+            alpha=lc.alpha,
+            temperature=lc.temperature,
+        )
+
+    def _global_sum(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor(value, device=self.accelerator.device)
+        return int(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def _global_mean(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor(value, device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    # ------------------------------------------------------------------------------ the run
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run `train.steps` steps with logging, evaluation and checkpoints; return final eval."""
+        tc = self.config.train
+        is_main = self.accelerator.is_main_process
+        if resume:
+            self.load_latest_checkpoint()
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+            )
+        progress = tqdm(
+            total=tc.steps,
+            initial=self.step_count,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (tc.progress and is_main),
+        )
+        window: list[StepStats] = []
+        while self.step_count < tc.steps:
+            stats = self.step()
+            if not math.isfinite(stats.loss):
+                raise OpdistillError(
+                    f"step {self.step_count}: loss is {stats.loss}; stopping before it spreads"
+                )
+            window.append(stats)
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats.loss:.4f}", src="on" if stats.on_policy else "off")
+            if self.step_count % tc.log_every == 0 or self.step_count == tc.steps:
+                self._log("train", _summarise_window(window))
+                window = []
+            if tc.eval_every and self.step_count % tc.eval_every == 0:
+                self._log("eval", self.evaluate())
+            if tc.save_every and self.step_count % tc.save_every == 0:
+                self.save_checkpoint()
+        progress.close()
+        final = self.evaluate() if self.eval_examples else {}
+        if final:
+            self._log("eval", final)
+        if is_main:
+            self.save_final()
+        if self._writer is not None:
+            self._writer.close()
+        return final
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current student (main process computes; others skip)."""
+        if not self.eval_examples:
+            return {}
+        ec = self.config.eval
+        return evaluate(
+            self.accelerator.unwrap_model(self.student),
+            self.tokenizer,
+            self.task,
+            self.eval_examples[: ec.num_prompts],
+            num_samples=ec.num_samples,
+            ks=ec.ks,
+            temperature=ec.temperature,
+            max_new_tokens=ec.max_new_tokens,
+            batch_size=ec.batch_size,
+            teacher=self.teacher,
+            seed=self.config.data.seed,
+        )
+
+    def _log(self, split: str, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process or not metrics:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        for name, value in metrics.items():
+            self._writer.add_scalar(f"{split}/{name}", value, self.step_count)
+        record = {"step": self.step_count, "split": split, **metrics}
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Model, tokenizer, optimizer, schedule, RNGs, data position, step; written atomically."""
+        self.accelerator.wait_for_everyone()
+        final = self.checkpoint_dir / f"step-{self.step_count:08d}"
+        if self.accelerator.is_main_process:
+            staging = final.with_name(final.name + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.unwrap_model(self.student).save_pretrained(staging / "model")
+            self.tokenizer.save_pretrained(staging / "model")
+            torch.save(
+                {
+                    "step": self.step_count,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "stream": self.stream.state_dict(),
+                    "coin": self.coin.getstate(),
+                    "python_rng": random.getstate(),
+                    "numpy_rng": np.random.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                staging / "trainer_state.pt",
+            )
+            (staging / CHECKPOINT_DONE).write_text(str(self.step_count))
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = sorted(
+            p
+            for p in self.checkpoint_dir.glob("step-*")
+            if p.is_dir() and (p / CHECKPOINT_DONE).exists()
+        )
+        return complete[-1] if complete else None
+
+    def load_latest_checkpoint(self) -> None:
+        """Restore the newest complete checkpoint; start fresh when there is none."""
+        path = self.latest_checkpoint()
+        if path is None:
+            return
+        weights = load_file(str(path / "model" / "model.safetensors"))
+        model = self.accelerator.unwrap_model(self.student)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        real_missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
+        if unexpected or (real_missing and "lm_head.weight" not in real_missing):
+            raise OpdistillError(f"checkpoint {path} does not match the student model")
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.coin.setstate(state["coin"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step_count = state["step"]
+
+    def save_final(self) -> Path:
+        """The trained student and its tokenizer under `output_dir/final`."""
+        path = self.output_dir / "final"
+        self.accelerator.unwrap_model(self.student).save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def _summarise_window(window: list[StepStats]) -> dict[str, float]:
+    return {
+        "loss": float(np.mean([s.loss for s in window])),
+        "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
+        "tokens_per_step": float(np.mean([s.num_tokens for s in window])),
+        "grad_norm": float(np.nanmean([s.grad_norm for s in window]))
+        if any(math.isfinite(s.grad_norm) for s in window)
+        else float("nan"),
+        "lr": window[-1].lr,
+        "seconds_per_step": float(np.mean([s.seconds for s in window])),
+    }
+
+
+def build_trainer(config: Config) -> Trainer:
+    """Load tokenizer, models and task data named by `config` and return a ready `Trainer`."""
+    mc, dc = config.model, config.data
+    task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
+    tokenizer = load_tokenizer(mc.tokenizer or mc.student)
+    student = load_model(mc.student, mc.dtype)
+    teacher_model = None
+    if mc.teacher:
+        teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
+        check_tokenizers_match(teacher_tokenizer, tokenizer)
+        teacher_model = load_model(mc.teacher, mc.dtype)
+    train_examples = task.examples("train", dc.train_size, seed=dc.seed)
+    eval_examples = task.examples("eval", dc.eval_size, seed=dc.seed) if dc.eval_size else []
+    return Trainer(
+        config, student, tokenizer, task, train_examples, eval_examples, teacher_model=teacher_model
+    )

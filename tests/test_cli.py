@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from opdistill import demo
+from opdistill.cli import main
+from opdistill.config import load_config
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+def write_config(tmp_path, saved_pair, **train):
+    train_yaml = ", ".join(f"{k}: {v}" for k, v in train.items())
+    path = tmp_path / "run.yaml"
+    path.write_text(f"""
+model: {{student: {saved_pair / "student"}, teacher: {saved_pair / "teacher"}}}
+data: {{task: graph, task_args: {{num_nodes: 8, max_paths: 3}}, train_size: 50, eval_size: 4}}
+loss: {{kind: jsd, beta: 0.9}}
+train: {{steps: 2, batch_size: 2, max_new_tokens: 4, output_dir: {tmp_path / "out"},
+         progress: false, {train_yaml}}}
+eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 4}}
+""")
+    return path
+
+
+def test_train_then_eval_from_yaml(tmp_path, saved_pair, capsys):
+    path = write_config(tmp_path, saved_pair, save_every=1)
+    assert main(["train", str(path), "--set", "train.lr=1e-3"]) == 0
+    out = tmp_path / "out"
+    assert (out / "final" / "config.json").exists() and (out / "config.yaml").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000001",
+        "step-00000002",
+    ]
+    final = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "pass@1", "pass@2", "teacher_rkl"} <= set(final)
+
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(path), "--model", str(out / "final"), "--output", str(result)]) == 0
+    assert "pass@2" in json.loads(result.read_text())
+
+
+def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, saved_pair, capsys):
+    path = write_config(tmp_path, saved_pair, save_every=2)
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(path), "--resume", "--set", "train.steps=3"]) == 0
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-2])["step"] == 3  # resumed at 2, ran one more step
+    assert main(["train", str(path), "--overwrite", "--set", "train.steps=1"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stepz=1", "unknown key 'train.stepz'"),
+        ("loss.beta=0", "jsd needs beta in (0, 1)"),
+        ("model.student=/does/not/exist", "does not exist"),
+        ("data.task=chess", "unknown task 'chess'"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(tmp_path, saved_pair, capsys, override, message):
+    path = write_config(tmp_path, saved_pair)
+    assert main(["train", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("opdistill: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid_and_match_the_demo_task(path):
+    config = load_config(path)
+    assert config.data.task == demo.TASK["task"]
+    assert config.data.task_args == demo.TASK["task_args"]
+    assert config.train.max_new_tokens == demo.MAX_NEW_TOKENS
+
+
+def test_examples_cover_the_documented_methods():
+    names = {p.stem for p in EXAMPLES}
+    assert {
+        "sft",
+        "supervised_kd",
+        "seqkd",
+        "gkd_onpolicy_jsd",
+        "gkd_onpolicy_rkl",
+        "gkd_mixed",
+    } <= names

@@ -1,0 +1,43 @@
+import torch
+
+from opdistill.batch import batch_logits
+from opdistill.models import tiny_llama
+from opdistill.rollout import HFGenerateRollout, decode_responses
+
+
+def test_rollout_masks_after_eos_and_trims(tokenizer, graph_task):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    # Make EOS likely so that some rows stop early.
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 0
+        model.model.norm.weight.fill_(1.0)
+    examples = graph_task.examples("eval", 8)
+    torch.manual_seed(0)
+    batch = HFGenerateRollout(model, tokenizer).generate(examples, max_new_tokens=6)
+    assert batch.response_ids.shape[1] <= 6
+    lengths = batch.response_mask.sum(1)
+    assert int(lengths.max()) == batch.response_ids.shape[1]
+    for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
+        kept = ids[mask.bool()].tolist()
+        assert tokenizer.eos_token_id not in kept[:-1]
+        assert (ids[~mask.bool()] == tokenizer.pad_token_id).all()
+    assert len(decode_responses(tokenizer, batch)) == 8
+
+
+def test_greedy_rollout_is_what_the_scoring_forward_predicts(tokenizer, graph_task):
+    """The token generate picks greedily is the argmax of our recomputed logits, row by row."""
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3)
+    batch = HFGenerateRollout(model, tokenizer).generate(
+        graph_task.examples("eval", 5), max_new_tokens=5, greedy=True
+    )
+    with torch.no_grad():
+        logits = batch_logits(model.eval(), batch, len(tokenizer))
+    predicted = logits.argmax(-1)
+    mask = batch.response_mask.bool()
+    assert torch.equal(predicted[mask], batch.response_ids[mask])
+
+
+def test_rollout_restores_training_mode(tokenizer, graph_task):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2).train()
+    HFGenerateRollout(model, tokenizer).generate(graph_task.examples("eval", 2), 3)
+    assert model.training
