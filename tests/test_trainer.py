@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -165,3 +166,45 @@ def test_divergence_loss_without_teacher_is_an_error(tmp_path, tokenizer, graph_
         Trainer(
             make_config(tmp_path), student, tokenizer, graph_task, graph_task.examples("train", 8)
         )
+
+
+def test_teacher_and_student_with_different_vocab_padding(tmp_path, tokenizer, graph_task):
+    """Embeddings padded to different sizes: only the tokenizer's columns are compared."""
+    teacher = tiny_llama(
+        tokenizer, hidden_size=48, num_layers=1, num_heads=2, pad_vocab_to_multiple_of=128
+    )
+    student = tiny_llama(
+        tokenizer, hidden_size=32, num_layers=1, num_heads=2, pad_vocab_to_multiple_of=8
+    )
+    assert teacher.config.vocab_size != student.config.vocab_size
+    config = make_config(tmp_path, steps=1, student_data_fraction=1.0)
+    trainer = Trainer(
+        config,
+        student,
+        tokenizer,
+        graph_task,
+        graph_task.examples("train", 8),
+        teacher_model=teacher,
+    )
+    stats = trainer.step()
+    assert math.isfinite(stats.loss) and stats.loss >= 0
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path, tokenizer, graph_task):
+    teacher, student = models(tokenizer)
+    with torch.no_grad():
+        teacher.lm_head.weight.fill_(float("nan"))
+    config = make_config(tmp_path, steps=1, student_data_fraction=1.0)
+    trainer = Trainer(
+        config,
+        student,
+        tokenizer,
+        graph_task,
+        graph_task.examples("train", 8),
+        teacher_model=teacher,
+    )
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.raises(OpdistillError, match=r"step 1: loss nan.*before the weights are updated"):
+        trainer.step()
+    for name, value in trainer.student.state_dict().items():
+        assert torch.equal(value, before[name]), name

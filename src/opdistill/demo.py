@@ -17,10 +17,12 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig
@@ -28,16 +30,45 @@ from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_
 from opdistill.eval.evaluate import evaluate
 from opdistill.models import count_parameters, tiny_llama
 from opdistill.tasks import make_task
+from opdistill.teacher import ModelTeacher
 from opdistill.tokenizer import build_word_tokenizer
 from opdistill.trainer import Trainer
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 TASK = {"task": "graph", "task_args": {"num_nodes": 12, "path_length": 2}}
-TEACHER_SIZE = {"hidden_size": 192, "num_layers": 4, "num_heads": 6}
-STUDENT_SIZE = {"hidden_size": 96, "num_layers": 2, "num_heads": 4}
-TRAIN_SIZE, EVAL_PROMPTS = 20_000, 100
-TEACHER_STEPS, STUDENT_INIT_STEPS, METHOD_STEPS = 1500, 300, 150
 MAX_NEW_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
+
+    teacher_size: tuple[int, int, int] = (192, 4, 6)  # hidden size, layers, heads
+    student_size: tuple[int, int, int] = (96, 2, 4)
+    train_size: int = 20_000
+    eval_prompts: int = 100
+    eval_samples: int = 16
+    teacher_steps: int = 1000
+    student_init_steps: int = 300
+    method_steps: int = 150
+    batch_size: int = 32
+    teacher_lr: float = 1e-3
+    method_lr: float = 5e-4
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(
+            teacher_size=(32, 1, 2),
+            student_size=(16, 1, 2),
+            train_size=500,
+            eval_prompts=10,
+            eval_samples=4,
+            teacher_steps=4,
+            student_init_steps=2,
+            method_steps=3,
+            batch_size=4,
+        )
+
 
 # Each method is a configuration of the one training loop.
 METHODS: dict[str, dict[str, Any]] = {
@@ -71,41 +102,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OPDISTILL_CACHE", "~/.cache/opdistill")).expanduser()
 
 
-def _fingerprint() -> str:
-    spec = json.dumps(
-        [
-            DEMO_VERSION,
-            TASK,
-            TEACHER_SIZE,
-            STUDENT_SIZE,
-            TRAIN_SIZE,
-            TEACHER_STEPS,
-            STUDENT_INIT_STEPS,
-        ],
-        sort_keys=True,
-    )
-    return hashlib.sha256(spec.encode()).hexdigest()[:10]
+def _fingerprint(settings: DemoSettings) -> str:
+    spec = json.dumps([DEMO_VERSION, TASK, dataclasses.asdict(settings)], sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def _config(output_dir: Path, steps: int, seed: int, lr: float, **sections: dict) -> Config:
+def _config(
+    settings: DemoSettings, output_dir: Path, steps: int, seed: int, lr: float, **sections: dict
+) -> Config:
     config = Config(
         model=ModelConfig(student="(in memory)", teacher="(in memory)"),
-        data=DataConfig(**TASK, train_size=TRAIN_SIZE, eval_size=EVAL_PROMPTS),
+        data=DataConfig(**TASK, train_size=settings.train_size, eval_size=settings.eval_prompts),
         loss=LossConfig(),
         train=TrainConfig(
             steps=steps,
-            batch_size=32,
+            batch_size=settings.batch_size,
             lr=lr,
-            warmup_steps=min(50, steps // 10),
+            warmup_steps=steps // 10,
             seed=seed,
             max_new_tokens=MAX_NEW_TOKENS,
             log_every=25,
             output_dir=str(output_dir),
+            progress=False,
         ),
         eval=EvalConfig(
-            num_prompts=EVAL_PROMPTS,
-            num_samples=16,
-            ks=[1, 4, 16],
+            num_prompts=settings.eval_prompts,
+            num_samples=settings.eval_samples,
+            ks=[k for k in (1, 4, 16) if k <= settings.eval_samples],
             max_new_tokens=MAX_NEW_TOKENS,
             batch_size=400,
         ),
@@ -115,44 +138,52 @@ def _config(output_dir: Path, steps: int, seed: int, lr: float, **sections: dict
     return config
 
 
-def prepare(cache_dir: Path, quick: bool = False) -> Path:
-    """Tokenizer, teacher and initial student, trained once and cached under `cache_dir`."""
-    root = cache_dir / ("demo-quick" if quick else "demo")
+def _task_data(settings: DemoSettings):
+    task = make_task(TASK["task"], **TASK["task_args"])
+    return (
+        task,
+        task.examples("train", settings.train_size, seed=0),
+        task.examples("eval", settings.eval_prompts, seed=0),
+    )
+
+
+def prepare(cache_dir: Path, settings: DemoSettings, name: str = "demo") -> Path:
+    """Tokenizer, teacher and initial student, trained once and cached under `cache_dir/name`."""
+    root = cache_dir / name
     done = root / "COMPLETE"
-    if done.exists() and done.read_text().strip() == _fingerprint():
+    if done.exists() and done.read_text().strip() == _fingerprint(settings):
         print(f"using the cached teacher and initial student in {root}")
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    task = make_task(TASK["task"], **TASK["task_args"])
-    train = task.examples("train", TRAIN_SIZE, seed=0)
-    evals = task.examples("eval", EVAL_PROMPTS, seed=0)
+    task, train, evals = _task_data(settings)
     tokenizer = build_word_tokenizer(e.prompt + " " + e.completion for e in train + evals)
     tokenizer.save_pretrained(root / "tokenizer")
-    scale = 0.05 if quick else 1.0
-    for name, size, steps, lr in (
-        ("teacher", TEACHER_SIZE, TEACHER_STEPS, 1e-3),
-        ("student_init", STUDENT_SIZE, STUDENT_INIT_STEPS, 1e-3),
+    for role, (hidden, layers, heads), steps in (
+        ("teacher", settings.teacher_size, settings.teacher_steps),
+        ("student_init", settings.student_size, settings.student_init_steps),
     ):
         started = time.perf_counter()
-        model = tiny_llama(tokenizer, **size, seed=0)
-        steps = max(2, int(steps * scale))
+        model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads)
         config = _config(
-            root / f"{name}_run",
+            settings,
+            root / f"{role}_run",
             steps,
             seed=0,
-            lr=lr,
+            lr=settings.teacher_lr,
             loss={"kind": "nll"},
-            train={"student_data_fraction": 0.0},
+            train={"student_data_fraction": 0.0, "progress": True},
         )
-        config.train.warmup_steps = steps // 20
-        print(f"training {name}: {count_parameters(model) / 1e6:.2f}M parameters, {steps} steps")
+        print(
+            f"training the {role.replace('_', ' ')} by SFT: "
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps"
+        )
         Trainer(config, model, tokenizer, task, train).train()
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        shutil.rmtree(root / f"{name}_run", ignore_errors=True)
-        print(f"  {name} trained in {time.perf_counter() - started:.0f}s")
-    done.write_text(_fingerprint() + "\n")
+        model.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        shutil.rmtree(root / f"{role}_run", ignore_errors=True)
+        print(f"  done in {time.perf_counter() - started:.0f}s")
+    done.write_text(_fingerprint(settings) + "\n")
     return root
 
 
@@ -164,95 +195,108 @@ def run_demo(
     prepare_only: bool = False,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole demo; return the per-method summary."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    """Run the whole demo; return what it writes to `results.json`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    root = prepare(cache_dir or default_cache_dir(), quick=quick)
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    root = prepare(
+        cache_dir or default_cache_dir(), settings, name="demo-quick" if quick else "demo"
+    )
     if prepare_only:
         return {}
-    steps = steps or (10 if quick else METHOD_STEPS)
+    steps = steps or settings.method_steps
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
-    task = make_task(TASK["task"], **TASK["task_args"])
-    train = task.examples("train", TRAIN_SIZE, seed=0)
-    evals = task.examples("eval", EVAL_PROMPTS, seed=0)
+    task, train, evals = _task_data(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    from opdistill.teacher import ModelTeacher
-
     scorer = ModelTeacher(teacher, len(tokenizer))
-    eval_config = _config(output_dir, 1, 0, 1e-3).eval
+    ec = _config(settings, output_dir, 1, 0, 1.0).eval
 
-    def measure(model) -> tuple[dict[str, float], float]:
-        t0 = time.perf_counter()
-        metrics = evaluate(
+    def measure(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate(
             model,
             tokenizer,
             task,
             evals,
-            num_samples=eval_config.num_samples,
-            ks=eval_config.ks,
+            num_samples=ec.num_samples,
+            ks=ec.ks,
             max_new_tokens=MAX_NEW_TOKENS,
-            batch_size=eval_config.batch_size,
+            batch_size=ec.batch_size,
             teacher=scorer,
         )
-        return metrics, time.perf_counter() - t0
 
     per_seed: dict[str, list[dict[str, float]]] = {}
-    curves: dict[str, list[dict[int, float]]] = {}
     for name, model in (("teacher", teacher), ("initial student", student_init)):
-        metrics, _ = measure(model)
-        per_seed[name] = [metrics]
-        curves[name] = [_curve(metrics)]
+        per_seed[name] = [measure(model)]
     print(
-        f"teacher: {count_parameters(teacher) / 1e6:.2f}M parameters, "
-        f"student: {count_parameters(student_init) / 1e6:.2f}M parameters"
+        f"teacher {count_parameters(teacher) / 1e6:.2f}M parameters, greedy accuracy "
+        f"{per_seed['teacher'][0]['accuracy']:.2f}; initial student "
+        f"{count_parameters(student_init) / 1e6:.2f}M, "
+        f"{per_seed['initial student'][0]['accuracy']:.2f}"
     )
 
-    for seed in range(seeds):
-        for method, sections in METHODS.items():
-            run_dir = output_dir / "runs" / f"{_slug(method)}-seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            config = _config(run_dir, steps, seed, lr=5e-4, **copy.deepcopy(sections))
-            config.train.progress = False
-            student = copy.deepcopy(student_init)
-            trainer = Trainer(config, student, tokenizer, task, train, teacher_model=teacher)
-            t0 = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - t0
-            metrics, _ = measure(trainer.accelerator.unwrap_model(trainer.student))
-            metrics["seconds_per_step"] = train_seconds / max(1, steps)
-            per_seed.setdefault(method, []).append(metrics)
-            curves.setdefault(method, []).append(_curve(metrics))
-            print(
-                f"seed {seed} {method:32s} accuracy {metrics['accuracy']:.3f} "
-                f"pass@16 {metrics['pass@16']:.3f} ({train_seconds:.0f}s)"
-            )
+    runs = [(seed, method) for seed in range(seeds) for method in METHODS]
+    progress = tqdm(runs, desc="demo runs", dynamic_ncols=True)
+    for seed, method in progress:
+        progress.set_postfix_str(f"seed {seed}, {method}")
+        run_dir = output_dir / "runs" / f"{_slug(method)}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = _config(
+            settings, run_dir, steps, seed, settings.method_lr, **copy.deepcopy(METHODS[method])
+        )
+        trainer = Trainer(
+            config,
+            copy.deepcopy(student_init),
+            tokenizer,
+            task,
+            train,
+            teacher_model=teacher,
+            teacher=scorer,
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        metrics = measure(trainer.accelerator.unwrap_model(trainer.student))
+        metrics["seconds_per_step"] = seconds / max(1, steps)
+        per_seed.setdefault(method, []).append(metrics)
+        progress.write(
+            f"seed {seed}  {method:30s} accuracy {metrics['accuracy']:.3f}  "
+            f"pass@1 {metrics['pass@1']:.3f}  ({seconds:.0f}s)"
+        )
+    progress.close()
 
     summary = summarise(per_seed)
+    metrics_shown = [
+        m for m in [*METRICS, "seconds_per_step"] if any(m in s for s in summary.values())
+    ]
     table = markdown_table(
-        summary, [*METRICS, "seconds_per_step"], headers={**HEADERS, "seconds_per_step": "s/step"}
+        summary, metrics_shown, headers={**HEADERS, "seconds_per_step": "s/step"}
     )
+    curves = {m: summarise_curves([_curve(r) for r in runs_]) for m, runs_ in per_seed.items()}
     plot_path = plot_pass_at_k(
-        {m: summarise_curves(c) for m, c in curves.items()},
+        curves,
         output_dir / "pass_at_k.png",
-        title=f"graph path-finding, {steps} steps per method, {seeds} seeds",
+        title=f"graph path-finding: {steps} steps per method, {seeds} seeds",
     )
     elapsed = time.perf_counter() - started
     results = {
         "steps_per_method": steps,
         "seeds": seeds,
-        "eval_prompts": EVAL_PROMPTS,
+        "settings": dataclasses.asdict(settings),
         "summary": {m: {k: list(v) for k, v in s.items()} for m, s in summary.items()},
         "per_seed": per_seed,
         "seconds": elapsed,
+        "table": table,
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table)
     print(
-        f"\nresults: {output_dir / 'results.json'}, plot: {plot_path}, total {elapsed / 60:.1f} min"
+        f"\nresults: {output_dir / 'results.json'}   plot: {plot_path}   "
+        f"total {elapsed / 60:.1f} min"
     )
     return results
 

@@ -144,6 +144,15 @@ class Trainer:
         needs_teacher = config.loss.kind != "nll" or (
             tc.student_data_fraction < 1.0 and tc.off_policy_source == "teacher"
         )
+        if (
+            tc.student_data_fraction < 1.0
+            and tc.off_policy_source == "teacher"
+            and (teacher_model is None)
+        ):
+            raise OpdistillError(
+                "train.off_policy_source='teacher' samples from the teacher: it needs a teacher "
+                "model in this process"
+            )
         if needs_teacher and teacher is None:
             raise OpdistillError(
                 f"loss.kind={config.loss.kind!r} / train.off_policy_source="
@@ -197,11 +206,18 @@ class Trainer:
                 self.accelerator.backward(loss * world)
             total_loss += float(loss.detach()) * world
 
-        # 5. Clip and step.
-        grad_norm = float("nan")
-        if tc.max_grad_norm > 0:
-            grad_norm = float(
-                self.accelerator.clip_grad_norm_(self.student.parameters(), tc.max_grad_norm)
+        # 5. Clip and step (never from a non-finite loss or gradient).
+        total_loss = self._global_mean(total_loss)
+        grad_norm = float(
+            self.accelerator.clip_grad_norm_(
+                self.student.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
+            )
+        )
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise OpdistillError(
+                f"step {self.step_count + 1}: loss {total_loss}, gradient norm {grad_norm}; "
+                "stopping before the weights are updated"
             )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -209,7 +225,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return StepStats(
-            loss=self._global_mean(total_loss),
+            loss=total_loss,
             on_policy=on_policy,
             num_tokens=num_tokens,
             grad_norm=grad_norm,
@@ -268,25 +284,25 @@ class Trainer:
             disable=not (tc.progress and is_main),
         )
         window: list[StepStats] = []
+        final: dict[str, float] = {}
+        evaluated = False
         while self.step_count < tc.steps:
             stats = self.step()
-            if not math.isfinite(stats.loss):
-                raise OpdistillError(
-                    f"step {self.step_count}: loss is {stats.loss}; stopping before it spreads"
-                )
             window.append(stats)
             progress.update(1)
             progress.set_postfix(loss=f"{stats.loss:.4f}", src="on" if stats.on_policy else "off")
             if self.step_count % tc.log_every == 0 or self.step_count == tc.steps:
                 self._log("train", _summarise_window(window))
                 window = []
-            if tc.eval_every and self.step_count % tc.eval_every == 0:
-                self._log("eval", self.evaluate())
+            evaluated = bool(tc.eval_every) and self.step_count % tc.eval_every == 0
+            if evaluated:
+                final = self.evaluate()
+                self._log("eval", final)
             if tc.save_every and self.step_count % tc.save_every == 0:
                 self.save_checkpoint()
         progress.close()
-        final = self.evaluate() if self.eval_examples else {}
-        if final:
+        if not evaluated:
+            final = self.evaluate()
             self._log("eval", final)
         if is_main:
             self.save_final()
@@ -400,9 +416,7 @@ def _summarise_window(window: list[StepStats]) -> dict[str, float]:
         "loss": float(np.mean([s.loss for s in window])),
         "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
         "tokens_per_step": float(np.mean([s.num_tokens for s in window])),
-        "grad_norm": float(np.nanmean([s.grad_norm for s in window]))
-        if any(math.isfinite(s.grad_norm) for s in window)
-        else float("nan"),
+        "grad_norm": float(np.mean([s.grad_norm for s in window])),
         "lr": window[-1].lr,
         "seconds_per_step": float(np.mean([s.seconds for s in window])),
     }

@@ -71,8 +71,8 @@ def test_bad_split_and_n(task: GraphTask) -> None:
 def test_meta_and_format(train) -> None:
     for ex in train:
         m = ex.meta
-        assert ex.prompt.startswith("edges: ")
-        assert ex.prompt.endswith(f"path from {m['start']} to {m['goal']} .")
+        assert ex.prompt.startswith(f"path from {m['start']} to {m['goal']} . edges: ")
+        assert ex.prompt.endswith(" .")
         for u, v in m["edges"]:
             assert f"{u}>{v}" in ex.prompt
         assert len(set(m["edges"])) == len(m["edges"])

@@ -8,7 +8,7 @@ create), so the diversity of a model's correct answers can be measured.
 
 Text format (nodes are single capital letters, one token each)::
 
-    prompt:     "edges: A>C C>G A>D D>K B>G . path from A to G ."
+    prompt:     "path from A to G . edges: A>C C>G A>D D>K B>G ."
     completion: "A C G"
 """
 
@@ -79,7 +79,8 @@ def parse_path(response: str) -> list[str] | None:
 class GraphTask(Task):
     """Find a path from start to goal in a random directed graph with several solutions.
 
-    num_nodes: size of the pool of node letters (2..26); unused letters simply don't appear.
+    num_nodes: the graph's nodes are the first `num_nodes` capital letters (2..26); a letter with
+        no edge simply doesn't appear.
     path_length: hops of each planted start->goal path.
     min_paths, max_paths: number of planted paths (through distinct intermediate nodes).
     num_distractors: extra edges (dead ends out of start, dead ends into goal, random edges).
@@ -114,7 +115,8 @@ class GraphTask(Task):
     # -- generation --------------------------------------------------------------------------
 
     def _make(self, rng: random.Random) -> Example | None:
-        nodes = rng.sample(LETTERS, self.num_nodes)
+        nodes = list(LETTERS[: self.num_nodes])  # a fixed alphabet: the first num_nodes letters
+        rng.shuffle(nodes)
         start, goal = nodes[0], nodes[1]
         pool = nodes[2:]
         rng.shuffle(pool)
@@ -136,7 +138,9 @@ class GraphTask(Task):
             return None
         solutions = sorted(" ".join(p) for p in paths)
         answer = " ".join(rng.choice(planted))
-        prompt = f"edges: {' '.join(f'{u}>{v}' for u, v in order)} . path from {start} to {goal} ."
+        # The question comes first, so that a causal model reads every edge knowing start and goal.
+        edge_list = " ".join(f"{u}>{v}" for u, v in order)
+        prompt = f"path from {start} to {goal} . edges: {edge_list} ."
         meta = {"edges": order, "start": start, "goal": goal, "solutions": solutions}
         return Example(prompt=prompt, completion=answer, reference=answer, meta=meta)
 

@@ -1,0 +1,23 @@
+import json
+
+import pytest
+
+from opdistill.cli import main
+from opdistill.demo import METHODS
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    """The whole demo pipeline at smoke-test size: prepare, every method, table, JSON and plot."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    args = ["demo", "--quick", "--seeds", "2", "--output-dir", str(out), "--cache-dir", str(cache)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| method |" in printed and "GKD on-policy (λ=1, RKL)" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]) == {"teacher", "initial student", *METHODS}
+    assert all(len(results["per_seed"][m]) == 2 for m in METHODS)
+    assert (out / "pass_at_k.png").stat().st_size > 1000
+    # A second run reuses the cached teacher and student.
+    assert main([*args[:3], "1", *args[4:]]) == 0
+    assert "using the cached teacher" in capsys.readouterr().out
