@@ -87,3 +87,26 @@ def test_examples_cover_the_documented_methods():
         "gkd_onpolicy_rkl",
         "gkd_mixed",
     } <= names
+
+
+def test_train_on_user_jsonl(tmp_path, saved_pair, capsys):
+    rows = [
+        {"prompt": f"path from A to {g} .", "completion": f"A {g}", "answer": f"A {g}"}
+        for g in "BCDEFGH"
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path = tmp_path / "user.yaml"
+    path.write_text(f"""
+model: {{student: {saved_pair / "student"}}}
+data: {{task: jsonl, task_args: {{train_path: {data}}}, train_size: 0, eval_size: 0}}
+loss: {{kind: nll}}
+train: {{steps: 2, batch_size: 2, student_data_fraction: 0.0, output_dir: {tmp_path / "out"},
+         progress: false}}
+eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 3}}
+""")
+    assert main(["train", str(path)]) == 0
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    data.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    assert main(["train", str(path), "--overwrite"]) == 2
+    assert f"{data}:2:" in capsys.readouterr().err

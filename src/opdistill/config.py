@@ -263,10 +263,7 @@ def validate(config: Config) -> None:
         )
     if loss.kind in ("skew_forward_kl", "skew_reverse_kl") and not 0.0 <= loss.alpha < 1.0:
         raise OpdistillError(f"loss.alpha={loss.alpha}: skew divergences need alpha in [0, 1)")
-    needs_teacher = loss.kind != "nll" or (
-        t.student_data_fraction < 1.0 and t.off_policy_source == "teacher"
-    )
-    if needs_teacher and not config.model.teacher:
+    if needs_teacher(config) and not config.model.teacher:
         raise OpdistillError(
             f"model.teacher is required for loss.kind={loss.kind!r} "
             f"with off_policy_source={t.off_policy_source!r}"
@@ -274,6 +271,17 @@ def validate(config: Config) -> None:
     if not config.model.student:
         raise OpdistillError("model.student is required (a local path or hub id)")
     assert set(typing.get_args(LossKind)) == {"nll", *DIVERGENCE_KINDS}
+
+
+def samples_from_teacher(config: Config) -> bool:
+    """Whether off-policy steps sample responses from the teacher (SeqKD-style)."""
+    t = config.train
+    return t.student_data_fraction < 1.0 and t.off_policy_source == "teacher"
+
+
+def needs_teacher(config: Config) -> bool:
+    """Whether the run scores with or samples from a teacher."""
+    return config.loss.kind != "nll" or samples_from_teacher(config)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

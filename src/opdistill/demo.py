@@ -35,7 +35,7 @@ from opdistill.tokenizer import build_word_tokenizer
 from opdistill.trainer import Trainer
 
 DEMO_VERSION = "2"
-TASK = {"task": "graph", "task_args": {"num_nodes": 12, "path_length": 2}}
+TASK = {"task": "graph", "task_args": {"num_nodes": 10, "path_length": 2, "num_distractors": 2}}
 MAX_NEW_TOKENS = 12
 
 
@@ -280,6 +280,7 @@ def run_demo(
         curves,
         output_dir / "pass_at_k.png",
         title=f"graph path-finding: {steps} steps per method, {seeds} seeds",
+        dashed=("teacher", "initial student"),
     )
     elapsed = time.perf_counter() - started
     results = {

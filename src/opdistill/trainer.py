@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from opdistill.batch import Batch, batch_logits, dataset_batch
-from opdistill.config import Config, config_to_dict
+from opdistill.config import Config, config_to_dict, needs_teacher, samples_from_teacher
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate
 from opdistill.losses import reduce_loss, token_divergence, token_nll
@@ -141,19 +141,12 @@ class Trainer:
             self.teacher_rollout = HFGenerateRollout(teacher_model, tokenizer)
             teacher = teacher or ModelTeacher(teacher_model, self.vocab_size)
         self.teacher = teacher
-        needs_teacher = config.loss.kind != "nll" or (
-            tc.student_data_fraction < 1.0 and tc.off_policy_source == "teacher"
-        )
-        if (
-            tc.student_data_fraction < 1.0
-            and tc.off_policy_source == "teacher"
-            and (teacher_model is None)
-        ):
+        if samples_from_teacher(config) and teacher_model is None:
             raise OpdistillError(
                 "train.off_policy_source='teacher' samples from the teacher: it needs a teacher "
                 "model in this process"
             )
-        if needs_teacher and teacher is None:
+        if needs_teacher(config) and teacher is None:
             raise OpdistillError(
                 f"loss.kind={config.loss.kind!r} / train.off_policy_source="
                 f"{tc.off_policy_source!r} needs a teacher model"
@@ -171,7 +164,7 @@ class Trainer:
 
         # 1. Pick the batch source with probability λ.
         on_policy = self.coin.random() < tc.student_data_fraction
-        micro_examples = [self.stream.take(tc.batch_size) for _ in range(tc.grad_accum)]
+        micro_examples = [self._take_examples() for _ in range(tc.grad_accum)]
 
         # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
         if on_policy:
@@ -232,6 +225,12 @@ class Trainer:
             lr=lr,
             seconds=time.perf_counter() - started,
         )
+
+    def _take_examples(self) -> list[Example]:
+        """This process's share of the next global micro-batch (same stream on every process)."""
+        size, rank = self.config.train.batch_size, self.accelerator.process_index
+        examples = self.stream.take(size * self.accelerator.num_processes)
+        return examples[rank * size : (rank + 1) * size]
 
     def _sample(self, rollout: HFGenerateRollout, examples: list[Example]) -> Batch:
         tc = self.config.train

@@ -40,3 +40,9 @@ def test_plot_pass_at_k_rejects_bad_input(tmp_path: Path) -> None:
         plot_pass_at_k({"a": {}}, tmp_path / "x.png", title="t")
     with pytest.raises(ValueError):
         plot_pass_at_k({"a": {0: (0.1, 0.0)}}, tmp_path / "x.png", title="t")
+
+
+def test_plot_draws_reference_methods_dashed(tmp_path):
+    curves = {"teacher": {1: 0.9, 2: 1.0}, "student": {1: (0.4, 0.1), 2: (0.6, 0.1)}}
+    path = plot_pass_at_k(curves, tmp_path / "p.png", dashed=("teacher",))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

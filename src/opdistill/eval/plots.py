@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PassAtKCurves = Mapping[str, Mapping[int, tuple[float, float] | float]]
@@ -21,11 +21,13 @@ def plot_pass_at_k(
     path: str | Path,
     title: str = "pass@k",
     dpi: int = 120,
+    dashed: Sequence[str] = (),
 ) -> Path:
     """Plot one pass@k line per method on a log2 k axis and save it as a PNG at `path`.
 
     `curves` maps method → k → (mean, std); a ±std band is shaded around each line.
-    A bare float instead of (mean, std) plots the mean without a band.
+    A bare float instead of (mean, std) plots the mean without a band. Methods named in `dashed`
+    (reference rows such as the teacher) are drawn with dashed lines.
     Parent folders are created. Returns the path written.
     """
     if not curves:
@@ -48,7 +50,8 @@ def plot_pass_at_k(
         all_ks.update(ks)
         points = [_mean_std(curve[k]) for k in ks]
         means = [m for m, _ in points]
-        (line,) = ax.plot(ks, means, marker="o", markersize=3, label=method)
+        style = "--" if method in dashed else "-"
+        (line,) = ax.plot(ks, means, style, marker="o", markersize=3, label=method)
         stds = [s for _, s in points if s is not None]
         if len(stds) == len(points):
             lo = [max(0.0, m - s) for m, s in zip(means, stds, strict=True)]
