@@ -1,8 +1,10 @@
+import math
+
 import torch
 
 from opdistill.batch import batch_logits
 from opdistill.models import tiny_llama
-from opdistill.rollout import HFGenerateRollout, decode_responses
+from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout, decode_responses
 
 
 def test_rollout_masks_after_eos_and_trims(tokenizer, graph_task):
@@ -41,3 +43,37 @@ def test_rollout_restores_training_mode(tokenizer, graph_task):
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2).train()
     HFGenerateRollout(model, tokenizer).generate(graph_task.examples("eval", 2), 3)
     assert model.training
+
+
+def test_sampler_logprobs_match_the_scoring_forward(tokenizer, graph_task):
+    """The log-probs recorded while sampling equal those recomputed for training (ratio ρ = 1)."""
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=4)
+    torch.manual_seed(0)
+    batch = HFGenerateRollout(model, tokenizer).generate(
+        graph_task.examples("eval", 6), max_new_tokens=5, temperature=0.7
+    )
+    with torch.no_grad():
+        logits = batch_logits(model.eval(), batch, len(tokenizer)) / 0.7
+    recomputed = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1))
+    mask = batch.response_mask.bool()
+    assert torch.allclose(batch.sampler_logprobs[mask], recomputed.squeeze(-1)[mask], atol=1e-4)
+
+
+def test_teacher_mixed_rollout(tokenizer, graph_task):
+    student = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=5)
+    teacher = tiny_llama(tokenizer, hidden_size=48, num_layers=1, num_heads=2, seed=6)
+    examples = graph_task.examples("eval", 6)
+    # With α = 0 and greedy decoding it is plain greedy decoding of the student.
+    plain = HFGenerateRollout(student, tokenizer).generate(examples, 5, greedy=True)
+    mixed = TeacherMixedRollout(student, teacher, tokenizer, 0.0).generate(examples, 5, greedy=True)
+    assert torch.equal(plain.response_ids, mixed.response_ids)
+    # With α = 0.3 the recorded log-probs are log(α·P + (1−α)·Q) of the sampled tokens.
+    torch.manual_seed(1)
+    batch = TeacherMixedRollout(student, teacher, tokenizer, 0.3).generate(examples, 5)
+    with torch.no_grad():
+        log_q = torch.log_softmax(batch_logits(student, batch, len(tokenizer)), -1)
+        log_p = torch.log_softmax(batch_logits(teacher, batch, len(tokenizer)), -1)
+    log_mix = torch.logaddexp(log_p + math.log(0.3), log_q + math.log(0.7))
+    expected = log_mix.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask.bool()
+    assert torch.allclose(batch.sampler_logprobs[mask], expected[mask], atol=1e-4)

@@ -26,18 +26,21 @@ class Batch:
     response_ids: Tensor
     response_mask: Tensor
     examples: Sequence[Example] = field(default_factory=list)
+    sampler_logprobs: Tensor | None = None  # [B, R] log-prob of each token under its sampler
 
     @property
     def num_tokens(self) -> int:
         return int(self.response_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
+        logprobs = self.sampler_logprobs
         return Batch(
             self.prompt_ids.to(device),
             self.prompt_mask.to(device),
             self.response_ids.to(device),
             self.response_mask.to(device),
             self.examples,
+            None if logprobs is None else logprobs.to(device),
         )
 
 

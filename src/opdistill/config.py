@@ -19,8 +19,19 @@ from opdistill.errors import OpdistillError
 from opdistill.losses import DIVERGENCE_KINDS
 
 LossKind = Literal[
-    "nll", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
+    "nll",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "sampled_token",
+    "vopd",
+    "minillm",
+    "taid",
 ]
+SEQUENCE_OBJECTIVES = ("sampled_token", "vopd", "minillm")  # need the student's own samples
 
 
 @dataclass
@@ -45,14 +56,84 @@ class DataConfig:
 
 
 @dataclass
+class MiniLLMConfig:
+    """MiniLLM: sequence-level reverse KL by policy gradient (Gu et al. 2024)."""
+
+    length_norm: bool = True
+    teacher_mix: float = 0.2  # sample from teacher_mix·P + (1 − teacher_mix)·Q; 0 = student only
+    clip: float = 0.0  # PPO-style ratio clip ε against the sampler's log-probs; 0 = off
+
+
+@dataclass
+class TAIDConfig:
+    """TAID: interpolated target softmax((1−t)·sg(z_S) + t·z_T) with an adaptive t."""
+
+    t_start: float = 0.4
+    alpha: float = 5e-4
+    beta: float = 0.99
+
+
+@dataclass
+class TIPConfig:
+    """Token selection by student entropy × teacher–student divergence (TIP)."""
+
+    mode: Literal["off", "weighted", "top", "quadrant"] = "off"
+    keep_fraction: float = 0.5
+    entropy_power: float = 1.0
+    divergence_power: float = 1.0
+    entropy_threshold: float = 0.5
+    divergence_threshold: float = 0.5
+
+
+@dataclass
+class PositionWeightsConfig:
+    """PW-OPSD position weights w_min + (1 − w_min)·σ((f − τ)/s)."""
+
+    enabled: bool = False
+    w_min: float = 0.25
+    tau: float = 0.30
+    s: float = 0.10
+
+
+@dataclass
 class LossConfig:
-    """The per-token objective and its reduction (see docs and the objectives spec)."""
+    """The per-token objective, optional token selection/weighting, and the reduction."""
 
     kind: LossKind = "reverse_kl"
     beta: float = 0.5
     alpha: float = 0.1
     temperature: float = 1.0
     reduction: Literal["token", "sequence"] = "token"
+    gamma: float = 0.0  # discount of future per-token rewards (sampled_token, vopd)
+    top_k: int = 0  # vopd: baseline over the student's top-k ids (0 = full vocabulary)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    taid: TAIDConfig = field(default_factory=TAIDConfig)
+    tip: TIPConfig = field(default_factory=TIPConfig)
+    position_weights: PositionWeightsConfig = field(default_factory=PositionWeightsConfig)
+
+
+@dataclass
+class RewardConfig:
+    """GKD + reward (GKD eq. 5): loss = w·D − (1 − w)·policy gradient of the verifier reward.
+
+    `distill_weight` w = 1 is pure distillation; w = 0 is GRPO-style RL with advantages normalised
+    within groups of `group_size` samples of one prompt.
+    """
+
+    distill_weight: float = 1.0
+    group_size: int = 1
+    normalize_std: bool = True
+
+
+@dataclass
+class AdaptiveSourceConfig:
+    """DistiLLM's adaptive off-policy schedule with a replay buffer of student samples."""
+
+    enabled: bool = False
+    increase: float = 0.1  # φ += increase when the validation loss rises by more than threshold
+    threshold: float = 0.1
+    replay_size: int = 1000  # sequences kept
+    replay_reuse: float = 0.5  # chance a student-data step reuses buffered samples
 
 
 @dataclass
@@ -77,6 +158,7 @@ class TrainConfig:
     save_every: int = 0
     output_dir: str = "runs/default"
     progress: bool = True
+    adaptive_source: AdaptiveSourceConfig = field(default_factory=AdaptiveSourceConfig)
 
 
 @dataclass
@@ -98,6 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -270,7 +353,56 @@ def validate(config: Config) -> None:
         )
     if not config.model.student:
         raise OpdistillError("model.student is required (a local path or hub id)")
-    assert set(typing.get_args(LossKind)) == {"nll", *DIVERGENCE_KINDS}
+    objective_checks = [
+        (0.0 <= loss.gamma <= 1.0, "loss.gamma must be in [0, 1]"),
+        (loss.top_k >= 0, "loss.top_k must be >= 0 (0 = full vocabulary)"),
+        (0.0 <= loss.minillm.teacher_mix < 1.0, "loss.minillm.teacher_mix must be in [0, 1)"),
+        (loss.minillm.clip >= 0, "loss.minillm.clip must be >= 0 (0 disables clipping)"),
+        (0.0 <= loss.taid.t_start <= 1.0, "loss.taid.t_start must be in [0, 1]"),
+        (loss.taid.alpha >= 0 and 0 <= loss.taid.beta < 1, "loss.taid: alpha >= 0, beta in [0, 1)"),
+        (0.0 < loss.tip.keep_fraction <= 1.0, "loss.tip.keep_fraction must be in (0, 1]"),
+        (0 <= loss.position_weights.w_min <= 1, "loss.position_weights.w_min must be in [0, 1]"),
+        (loss.position_weights.s > 0, "loss.position_weights.s must be > 0"),
+        (0.0 <= config.reward.distill_weight <= 1.0, "reward.distill_weight must be in [0, 1]"),
+        (config.reward.group_size >= 1, "reward.group_size must be >= 1"),
+        (
+            t.batch_size % config.reward.group_size == 0,
+            f"train.batch_size={t.batch_size} must be a multiple of reward.group_size="
+            f"{config.reward.group_size} (each prompt is sampled group_size times)",
+        ),
+    ]
+    for ok, message in objective_checks:
+        if not ok:
+            raise OpdistillError(message)
+    on_policy_only = loss.kind in SEQUENCE_OBJECTIVES or config.reward.distill_weight < 1.0
+    if on_policy_only and t.student_data_fraction != 1.0:
+        what = f"loss.kind={loss.kind!r}" if loss.kind in SEQUENCE_OBJECTIVES else "a reward"
+        raise OpdistillError(
+            f"{what} learns from the student's own samples: set train.student_data_fraction=1"
+        )
+    adaptive = t.adaptive_source
+    if adaptive.enabled and config.reward.distill_weight < 1.0:
+        raise OpdistillError(
+            "train.adaptive_source replays single samples; it cannot be combined with a reward "
+            "(reward.distill_weight < 1), whose advantages need fresh groups"
+        )
+    if adaptive.enabled:
+        if not (t.eval_every > 0 and config.data.eval_size > 0):
+            raise OpdistillError(
+                "train.adaptive_source needs a validation loss: set train.eval_every > 0 "
+                "and data.eval_size > 0"
+            )
+        if not (0 <= adaptive.replay_reuse <= 1 and adaptive.replay_size >= t.batch_size):
+            raise OpdistillError(
+                "train.adaptive_source: replay_reuse must be in [0, 1] and replay_size >= "
+                "train.batch_size"
+            )
+    assert set(typing.get_args(LossKind)) == {
+        "nll",
+        "taid",
+        *DIVERGENCE_KINDS,
+        *SEQUENCE_OBJECTIVES,
+    }
 
 
 def samples_from_teacher(config: Config) -> bool:
@@ -281,7 +413,17 @@ def samples_from_teacher(config: Config) -> bool:
 
 def needs_teacher(config: Config) -> bool:
     """Whether the run scores with or samples from a teacher."""
-    return config.loss.kind != "nll" or samples_from_teacher(config)
+    return (
+        scores_with_teacher(config)
+        or samples_from_teacher(config)
+        or (config.loss.kind == "minillm" and config.loss.minillm.teacher_mix > 0)
+    )
+
+
+def scores_with_teacher(config: Config) -> bool:
+    """Whether steps need the teacher's logits (a distillation term, or TIP's divergence)."""
+    distills = config.loss.kind != "nll" and config.reward.distill_weight > 0
+    return distills or config.loss.tip.mode != "off"
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

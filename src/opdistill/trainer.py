@@ -1,13 +1,17 @@
-"""The on-policy distillation loop (GKD, Agarwal et al. 2024).
+"""The on-policy distillation loop (GKD, Agarwal et al. 2024) and the objectives built on it.
 
 One optimizer step, top to bottom (`Trainer.step`):
-  1. pick the batch source: student rollouts with probability λ (`student_data_fraction`), else the
-     off-policy source (dataset completions, or teacher generations = SeqKD);
-  2. roll out (or read the dataset);
+  1. pick the batch source: student rollouts with probability λ (`student_data_fraction`, or φ
+     under DistiLLM's adaptive schedule), else the off-policy source (dataset completions, or
+     teacher generations = SeqKD);
+  2. roll out (student, teacher-mixed sampling for MiniLLM, the replay buffer, or the dataset) and,
+     with a verifier reward, score each sample and form group-normalised advantages;
   3. score every response token with the teacher (no gradient);
-  4. compute the loss: NLL or a token divergence, reduced over all response tokens of the step;
-  5. clip, step the optimizer and the schedule.
-Methods (SFT, supervised KD, SeqKD, on-policy GKD, mixed λ) are configurations of this loop.
+  4. compute the loss: NLL, a token divergence, TAID, vOPD, the sampled-token form or MiniLLM,
+     optionally mixed with the reward's policy gradient and weighted by TIP / position weights,
+     averaged over all response tokens of the step;
+  5. clip, step the optimizer and the schedules.
+Methods are configurations of this loop (see docs/objectives.md), not subclasses.
 """
 
 from __future__ import annotations
@@ -29,18 +33,43 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from opdistill.batch import Batch, batch_logits, dataset_batch
-from opdistill.config import Config, config_to_dict, needs_teacher, samples_from_teacher
+from opdistill.config import (
+    Config,
+    config_to_dict,
+    needs_teacher,
+    samples_from_teacher,
+    scores_with_teacher,
+)
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate
-from opdistill.losses import reduce_loss, token_divergence, token_nll
+from opdistill.losses import (
+    DIVERGENCE_KINDS,
+    TaidSchedule,
+    group_advantages,
+    masked_token_sum,
+    token_divergence,
+    token_nll,
+)
 from opdistill.models import check_tokenizers_match, load_model, load_tokenizer
-from opdistill.rollout import HFGenerateRollout
+from opdistill.objectives import (
+    StepInputs,
+    per_token_loss,
+    reduce_weighted,
+    token_weights,
+    uses_token_weights,
+)
+from opdistill.replay import ReplayBuffer
+from opdistill.rollout import (
+    HFGenerateRollout,
+    RolloutBackend,
+    TeacherMixedRollout,
+    decode_responses,
+)
 from opdistill.tasks import make_task
 from opdistill.tasks.base import Example, Task
 from opdistill.teacher import ModelTeacher, Teacher
@@ -93,6 +122,7 @@ class StepStats:
     grad_norm: float
     lr: float
     seconds: float
+    reward: float | None = None
 
 
 class Trainer:
@@ -110,7 +140,7 @@ class Trainer:
         teacher: Teacher | None = None,
     ):
         self.config = config
-        tc = config.train
+        tc, lc = config.train, config.loss
         self.accelerator = Accelerator()
         set_seed(tc.seed)
         self.tokenizer = tokenizer
@@ -134,67 +164,130 @@ class Trainer:
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(
             student, self.optimizer, self.scheduler
         )
-        self.rollout = HFGenerateRollout(self.accelerator.unwrap_model(self.student), tokenizer)
-        self.teacher_model = teacher_model
+        unwrapped = self.accelerator.unwrap_model(self.student)
+
+        if needs_teacher(config) and teacher is None and teacher_model is None:
+            raise OpdistillError(
+                f"loss.kind={lc.kind!r} / train.off_policy_source={tc.off_policy_source!r} "
+                "needs a teacher model"
+            )
         if teacher_model is not None:
             teacher_model.to(self.accelerator.device)
-            self.teacher_rollout = HFGenerateRollout(teacher_model, tokenizer)
             teacher = teacher or ModelTeacher(teacher_model, self.vocab_size)
         self.teacher = teacher
-        if samples_from_teacher(config) and teacher_model is None:
+        self.scores_with_teacher = scores_with_teacher(config)
+
+        # Samplers: the student (or the teacher–student mixture of MiniLLM), and the teacher.
+        self.student_sampler: RolloutBackend = HFGenerateRollout(unwrapped, tokenizer)
+        self.teacher_sampler: RolloutBackend | None = None
+        if teacher_model is not None:
+            self.teacher_sampler = HFGenerateRollout(teacher_model, tokenizer)
+            if lc.kind == "minillm" and lc.minillm.teacher_mix > 0:
+                self.student_sampler = TeacherMixedRollout(
+                    unwrapped, teacher_model, tokenizer, lc.minillm.teacher_mix
+                )
+        elif samples_from_teacher(config) or (lc.kind == "minillm" and lc.minillm.teacher_mix > 0):
             raise OpdistillError(
-                "train.off_policy_source='teacher' samples from the teacher: it needs a teacher "
-                "model in this process"
+                "sampling from the teacher (off_policy_source='teacher' or "
+                "loss.minillm.teacher_mix > 0) needs a teacher model in this process"
             )
-        if needs_teacher(config) and teacher is None:
+
+        # Verifier reward (GKD eq. 5 / GRPO): on-policy steps sample group_size per prompt.
+        self.rewarded = config.reward.distill_weight < 1.0
+        if self.rewarded and not task.has_verifier:
             raise OpdistillError(
-                f"loss.kind={config.loss.kind!r} / train.off_policy_source="
-                f"{tc.off_policy_source!r} needs a teacher model"
+                f"reward.distill_weight < 1 needs a task with a verifier; {task.name!r} has none"
             )
+        # TAID's interpolation coefficient, DistiLLM's φ and replay buffer, TIP's sampler.
+        self.taid = (
+            TaidSchedule(max(1, tc.steps), lc.taid.t_start, lc.taid.alpha, lc.taid.beta)
+            if lc.kind == "taid"
+            else None
+        )
+        self.student_data_fraction = tc.student_data_fraction
+        self.last_validation_loss: float | None = None
+        adaptive = tc.adaptive_source
+        self.replay = (
+            ReplayBuffer(adaptive.replay_size, tokenizer.pad_token_id, tc.seed)
+            if adaptive.enabled
+            else None
+        )
+        self.token_generator = torch.Generator().manual_seed(tc.seed)
 
         self.output_dir = Path(tc.output_dir)
         self._writer: SummaryWriter | None = None
 
     # ----------------------------------------------------------------------------------- step
     def step(self) -> StepStats:
-        """One optimizer step over `batch_size × grad_accum` prompts on each process."""
-        tc, lc = self.config.train, self.config.loss
+        """One optimizer step over `batch_size × grad_accum` sequences on each process."""
+        tc = self.config.train
         started = time.perf_counter()
         self.student.train()
 
-        # 1. Pick the batch source with probability λ.
-        on_policy = self.coin.random() < tc.student_data_fraction
-        micro_examples = [self._take_examples() for _ in range(tc.grad_accum)]
+        # 1. Pick the batch source with probability λ (φ under the adaptive schedule).
+        on_policy = self.coin.random() < self.student_data_fraction
 
         # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
         if on_policy:
-            batches = [self._sample(self.rollout, ex) for ex in micro_examples]
+            batches = [self._student_batch() for _ in range(tc.grad_accum)]
         elif tc.off_policy_source == "teacher":
-            batches = [self._sample(self.teacher_rollout, ex) for ex in micro_examples]
+            batches = [
+                self._sample(self.teacher_sampler, self._take_examples(tc.batch_size))
+                for _ in range(tc.grad_accum)
+            ]
         else:
-            batches = [dataset_batch(self.tokenizer, ex) for ex in micro_examples]
+            batches = [
+                dataset_batch(self.tokenizer, self._take_examples(tc.batch_size))
+                for _ in range(tc.grad_accum)
+            ]
+        rewards = [self._rewards(b) if on_policy and self.rewarded else None for b in batches]
 
         # The loss is a mean over every response token of the step, on every process.
         num_tokens = self._global_sum(sum(b.num_tokens for b in batches))
         num_sequences = self._global_sum(sum(len(b.examples) for b in batches))
         world = self.accelerator.num_processes  # DDP averages gradients over processes
+        weighted = uses_token_weights(self.config)
+        taid_t = self.taid.t if self.taid is not None else 1.0
 
         total_loss = 0.0
-        for index, batch in enumerate(batches):
+        for index, (batch, reward) in enumerate(zip(batches, rewards, strict=True)):
             batch = batch.to(self.accelerator.device)
             last = index == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
                 # 3. Score with the teacher (no gradient).
-                teacher_logits = self.teacher.logits(batch) if lc.kind != "nll" else None
+                teacher_logits = self.teacher.logits(batch) if self.scores_with_teacher else None
                 # 4. Loss.
                 student_logits = batch_logits(self.student, batch, self.vocab_size)
-                per_token = self._token_loss(student_logits, teacher_logits, batch)
-                loss = reduce_loss(
+                advantages = None
+                if reward is not None:
+                    advantages = group_advantages(
+                        reward.to(student_logits.device),
+                        self.config.reward.group_size,
+                        normalize_std=self.config.reward.normalize_std,
+                    )
+                per_token = per_token_loss(
+                    self.config,
+                    student_logits,
+                    teacher_logits,
+                    batch,
+                    StepInputs(taid_t=taid_t, advantages=advantages),
+                )
+                weights = None
+                if weighted:
+                    weights = token_weights(
+                        self.config,
+                        student_logits,
+                        teacher_logits,
+                        batch.response_mask,
+                        self.token_generator,
+                    )
+                loss = reduce_weighted(
+                    self.config,
                     per_token,
+                    weights,
                     batch.response_mask,
-                    lc.reduction,
-                    num_tokens=num_tokens,
-                    num_sequences=num_sequences,
+                    num_tokens,
+                    num_sequences,
                 )
                 self.accelerator.backward(loss * world)
             total_loss += float(loss.detach()) * world
@@ -217,6 +310,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        if self.taid is not None:
+            self.taid.update(self.step_count, total_loss)
+        mean_reward = None
+        if any(r is not None for r in rewards):
+            mean_reward = float(torch.cat([r for r in rewards if r is not None]).mean())
         return StepStats(
             loss=total_loss,
             on_policy=on_policy,
@@ -224,32 +322,38 @@ class Trainer:
             grad_norm=grad_norm,
             lr=lr,
             seconds=time.perf_counter() - started,
+            reward=mean_reward,
         )
 
-    def _take_examples(self) -> list[Example]:
+    def _take_examples(self, size: int) -> list[Example]:
         """This process's share of the next global micro-batch (same stream on every process)."""
-        size, rank = self.config.train.batch_size, self.accelerator.process_index
+        rank = self.accelerator.process_index
         examples = self.stream.take(size * self.accelerator.num_processes)
         return examples[rank * size : (rank + 1) * size]
 
-    def _sample(self, rollout: HFGenerateRollout, examples: list[Example]) -> Batch:
-        tc = self.config.train
-        return rollout.generate(examples, tc.max_new_tokens, tc.temperature)
+    def _student_batch(self) -> Batch:
+        """A micro-batch of student samples: fresh, grouped per prompt, or from the replay."""
+        tc, adaptive = self.config.train, self.config.train.adaptive_source
+        replay = self.replay
+        if replay is not None and len(replay) >= tc.batch_size:  # noqa: SIM102 (draw order)
+            if replay.rng.random() < adaptive.replay_reuse:
+                return replay.sample(tc.batch_size)
+        group = self.config.reward.group_size if self.rewarded else 1
+        prompts = self._take_examples(tc.batch_size // group)
+        batch = self._sample(self.student_sampler, [e for e in prompts for _ in range(group)])
+        if self.replay is not None:
+            self.replay.add(batch)
+        return batch
 
-    def _token_loss(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch
-    ) -> Tensor:
-        lc = self.config.loss
-        if lc.kind == "nll":
-            return token_nll(student_logits, batch.response_ids, temperature=lc.temperature)
-        return token_divergence(
-            student_logits,
-            teacher_logits,
-            lc.kind,
-            beta=lc.beta,
-            alpha=lc.alpha,
-            temperature=lc.temperature,
-        )
+    def _sample(self, sampler: RolloutBackend, examples: list[Example]) -> Batch:
+        tc = self.config.train
+        return sampler.generate(examples, tc.max_new_tokens, tc.temperature)
+
+    def _rewards(self, batch: Batch) -> torch.Tensor:
+        """The task verifier's 0/1 reward of every sampled response."""
+        texts = decode_responses(self.tokenizer, batch)
+        correct = [self.task.is_correct(e, t) for e, t in zip(batch.examples, texts, strict=True)]
+        return torch.tensor(correct, dtype=torch.float32)
 
     def _global_sum(self, value: int) -> int:
         if self.accelerator.num_processes == 1:
@@ -296,6 +400,8 @@ class Trainer:
             evaluated = bool(tc.eval_every) and self.step_count % tc.eval_every == 0
             if evaluated:
                 final = self.evaluate()
+                if self.replay is not None:
+                    final.update(self.adapt_student_data_fraction())
                 self._log("eval", final)
             if tc.save_every and self.step_count % tc.save_every == 0:
                 self.save_checkpoint()
@@ -327,6 +433,49 @@ class Trainer:
             teacher=self.teacher,
             seed=self.config.data.seed,
         )
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The distillation divergence on held-out reference completions (token mean).
+
+        Objectives that are not a token divergence (vOPD, MiniLLM, ...) are measured with
+        reverse KL; `nll` with NLL.
+        """
+        kind = self.config.loss.kind
+        kind = kind if kind in (*DIVERGENCE_KINDS, "nll") else "reverse_kl"
+        examples = [e for e in self.eval_examples if e.completion is not None]
+        if not examples:
+            raise OpdistillError("train.adaptive_source needs eval examples with a completion")
+        student = self.accelerator.unwrap_model(self.student)
+        total, count = 0.0, 0
+        for start in range(0, len(examples), self.config.eval.batch_size):
+            batch = dataset_batch(
+                self.tokenizer, examples[start : start + self.config.eval.batch_size]
+            ).to(self.accelerator.device)
+            logits = batch_logits(student, batch, self.vocab_size)
+            if kind == "nll":
+                values = token_nll(logits, batch.response_ids)
+            else:
+                values = token_divergence(
+                    logits,
+                    self.teacher.logits(batch),
+                    kind,
+                    beta=self.config.loss.beta,
+                    alpha=self.config.loss.alpha,
+                )
+            total += float(masked_token_sum(values, batch.response_mask))
+            count += batch.num_tokens
+        return total / max(1, count)
+
+    def adapt_student_data_fraction(self) -> dict[str, float]:
+        """DistiLLM: φ += `increase` when the validation loss rose by more than `threshold`."""
+        adaptive = self.config.train.adaptive_source
+        loss = self.validation_loss()
+        last = self.last_validation_loss
+        if last is not None and loss > last + adaptive.threshold:
+            self.student_data_fraction = min(1.0, self.student_data_fraction + adaptive.increase)
+        self.last_validation_loss = loss
+        return {"validation_loss": loss, "student_data_fraction": self.student_data_fraction}
 
     def _log(self, split: str, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process or not metrics:
@@ -364,6 +513,11 @@ class Trainer:
                     "python_rng": random.getstate(),
                     "numpy_rng": np.random.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "token_generator": self.token_generator.get_state(),
+                    "student_data_fraction": self.student_data_fraction,
+                    "last_validation_loss": self.last_validation_loss,
+                    "taid": None if self.taid is None else self.taid.state_dict(),
+                    "replay": None if self.replay is None else self.replay.state_dict(),
                 },
                 staging / "trainer_state.pt",
             )
@@ -400,6 +554,13 @@ class Trainer:
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
+        self.token_generator.set_state(state["token_generator"])
+        self.student_data_fraction = state["student_data_fraction"]
+        self.last_validation_loss = state["last_validation_loss"]
+        if self.taid is not None:
+            self.taid.load_state_dict(state["taid"])
+        if self.replay is not None:
+            self.replay.load_state_dict(state["replay"])
         self.step_count = state["step"]
 
     def save_final(self) -> Path:
@@ -411,7 +572,9 @@ class Trainer:
 
 
 def _summarise_window(window: list[StepStats]) -> dict[str, float]:
+    rewards = [s.reward for s in window if s.reward is not None]
     return {
+        **({"reward": float(np.mean(rewards))} if rewards else {}),
         "loss": float(np.mean([s.loss for s in window])),
         "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
         "tokens_per_step": float(np.mean([s.num_tokens for s in window])),

@@ -1,7 +1,13 @@
-"""Distillation losses: token divergences and masked reductions."""
+"""Distillation losses: pure functions of logits / log-probs and masks, one value per token."""
 
 from opdistill.losses.divergence import DIVERGENCE_KINDS, token_divergence
+from opdistill.losses.minillm import minillm_loss, mixture_weights
 from opdistill.losses.nll import token_nll
+from opdistill.losses.policy_gradient import (
+    group_advantages,
+    policy_gradient_loss,
+    reward_mixed_loss,
+)
 from opdistill.losses.reduction import (
     REDUCTIONS,
     masked_token_sum,
@@ -9,14 +15,36 @@ from opdistill.losses.reduction import (
     sequence_mean,
     token_mean,
 )
+from opdistill.losses.sampled import (
+    discounted_returns,
+    sampled_token_loss,
+    token_logprobs,
+    vopd_loss,
+)
+from opdistill.losses.selection import position_weights, tip_weights, weighted_token_mean
+from opdistill.losses.taid import TaidSchedule, taid_loss
 
 __all__ = [
     "DIVERGENCE_KINDS",
     "REDUCTIONS",
+    "TaidSchedule",
+    "discounted_returns",
+    "group_advantages",
     "masked_token_sum",
+    "minillm_loss",
+    "mixture_weights",
+    "policy_gradient_loss",
+    "position_weights",
     "reduce_loss",
+    "reward_mixed_loss",
+    "sampled_token_loss",
     "sequence_mean",
+    "taid_loss",
+    "tip_weights",
     "token_divergence",
+    "token_logprobs",
     "token_mean",
     "token_nll",
+    "vopd_loss",
+    "weighted_token_mean",
 ]
