@@ -86,6 +86,15 @@ def test_examples_cover_the_documented_methods():
         "gkd_onpolicy_jsd",
         "gkd_onpolicy_rkl",
         "gkd_mixed",
+        "sampled_token",
+        "vopd",
+        "minillm",
+        "distillm",
+        "taid",
+        "tip",
+        "position_weights",
+        "gkd_reward",
+        "grpo",
     } <= names
 
 

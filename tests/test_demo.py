@@ -3,7 +3,7 @@ import json
 import pytest
 
 from opdistill.cli import main
-from opdistill.demo import METHODS
+from opdistill.demo import METHODS, OBJECTIVES
 
 
 @pytest.mark.slow
@@ -21,3 +21,27 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # A second run reuses the cached teacher and student.
     assert main([*args[:3], "1", *args[4:]]) == 0
     assert "using the cached teacher" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_objectives_suite(tmp_path, capsys):
+    """Every objective on both tasks, at smoke-test size."""
+    out = tmp_path / "suite"
+    args = [
+        "demo",
+        "--suite",
+        "objectives",
+        "--quick",
+        "--seeds",
+        "1",
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    for task in ("graph", "arithmetic"):
+        assert all(f"{task} · {m}" in results["summary"] for m in OBJECTIVES)
+        assert (out / f"pass_at_k_{task}.png").exists()
+    assert "s/step" in capsys.readouterr().out

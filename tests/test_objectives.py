@@ -158,7 +158,6 @@ def test_distillm_schedule_raises_phi_when_validation_loss_rises(
         tmp_path,
         "skew_forward_kl",
         student_data_fraction=0.0,
-        eval_every=1,
         adaptive_source=adaptive,
     )
     trainer = make_trainer(config, tokenizer, graph_task)
@@ -171,7 +170,7 @@ def test_distillm_schedule_raises_phi_when_validation_loss_rises(
 
 def test_distillm_replay_is_reused(tmp_path, tokenizer, graph_task):
     adaptive = AdaptiveSourceConfig(enabled=True, replay_size=8, replay_reuse=1.0)
-    config = config_for(tmp_path, "skew_forward_kl", eval_every=2, adaptive_source=adaptive)
+    config = config_for(tmp_path, "skew_forward_kl", adaptive_source=adaptive)
     trainer = make_trainer(config, tokenizer, graph_task)
     first = trainer._student_batch()  # buffer empty: sampled fresh, then stored
     assert len(trainer.replay) == 4

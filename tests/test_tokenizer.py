@@ -26,3 +26,10 @@ def test_chat_template_round_trip_through_save_and_load(tmp_path):
 def test_unknown_words_map_to_unk():
     tokenizer = build_word_tokenizer(["A B"])
     assert tokenizer("zebra").input_ids == [tokenizer.unk_token_id]
+
+
+def test_decoding_keeps_punctuation_runs_apart():
+    """'####' must survive a round trip (a WordPiece decoder would glue it to the previous word)."""
+    tokenizer = build_word_tokenizer(["5 + 4 = 9 . #### 9"])
+    text = "5 + 4 = 9 . #### 9"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text

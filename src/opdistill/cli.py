@@ -74,8 +74,12 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from opdistill.demo import run_demo
 
+    output_dir = args.output_dir or (
+        "runs/demo" if args.suite == "default" else f"runs/demo-{args.suite}"
+    )
     run_demo(
-        output_dir=Path(args.output_dir),
+        output_dir=Path(output_dir),
+        suite=args.suite,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         seeds=args.seeds,
         steps=args.steps,
@@ -120,7 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the embedded default: distill a tiny teacher into a student on CPU"
     )
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument(
+        "--suite",
+        choices=["default", "objectives"],
+        default="default",
+        help="default: the GKD family on the graph task; objectives: every "
+        "objective on the graph and arithmetic tasks",
+    )
+    demo.add_argument(
+        "--output-dir",
+        default=None,
+        help="default: runs/demo (runs/demo-objectives for that suite)",
+    )
     demo.add_argument(
         "--cache-dir",
         default=None,

@@ -134,6 +134,7 @@ class AdaptiveSourceConfig:
     threshold: float = 0.1
     replay_size: int = 1000  # sequences kept
     replay_reuse: float = 0.5  # chance a student-data step reuses buffered samples
+    validate_every: int = 25  # steps between validation-loss measurements
 
 
 @dataclass
@@ -387,10 +388,10 @@ def validate(config: Config) -> None:
             "(reward.distill_weight < 1), whose advantages need fresh groups"
         )
     if adaptive.enabled:
-        if not (t.eval_every > 0 and config.data.eval_size > 0):
+        if not (adaptive.validate_every > 0 and config.data.eval_size > 0):
             raise OpdistillError(
-                "train.adaptive_source needs a validation loss: set train.eval_every > 0 "
-                "and data.eval_size > 0"
+                "train.adaptive_source needs a validation loss: set "
+                "train.adaptive_source.validate_every > 0 and data.eval_size > 0"
             )
         if not (0 <= adaptive.replay_reuse <= 1 and adaptive.replay_size >= t.batch_size):
             raise OpdistillError(

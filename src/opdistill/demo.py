@@ -1,11 +1,16 @@
-"""`opdistill demo`: the embedded default experiment, offline on a CPU.
+"""`opdistill demo`: the embedded experiments, offline on a CPU.
 
-1. Build the graph path-finding task and a word-level tokenizer for it.
-2. Train a teacher (a few M parameters) to high accuracy and a several-times-smaller initial student
-   by SFT; both are cached, so a second run skips this.
-3. Train copies of the initial student with SFT, SeqKD, supervised KD, on-policy GKD (JSD(0.9) and
-   reverse KL) and mixed λ = 0.5, for the same number of steps, over several seeds.
-4. Print a markdown table, write `results.json` and a pass@k plot to the output directory.
+For each task of the chosen suite:
+1. build the task and a word-level tokenizer for it;
+2. train a teacher (a few M parameters) to high accuracy and a several-times-smaller initial
+   student by SFT; both are cached, so a second run skips this;
+3. train copies of the initial student with each method of the suite for the same number of steps,
+   over several seeds;
+4. print one markdown table, write `results.json` and pass@k plots to the output directory.
+
+Suites: `default` (graph task; SFT, SeqKD, supervised KD, on-policy GKD with JSD(0.9) and reverse
+KL, mixed λ = 0.5) and `objectives` (graph and arithmetic tasks; every objective of
+docs/objectives.md).
 """
 
 from __future__ import annotations
@@ -17,15 +22,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdistill.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig
+from opdistill.config import Config, config_from_dict
 from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
 from opdistill.eval.evaluate import evaluate
 from opdistill.models import count_parameters, tiny_llama
@@ -34,9 +38,25 @@ from opdistill.teacher import ModelTeacher
 from opdistill.tokenizer import build_word_tokenizer
 from opdistill.trainer import Trainer
 
-DEMO_VERSION = "2"
-TASK = {"task": "graph", "task_args": {"num_nodes": 10, "path_length": 2, "num_distractors": 2}}
-MAX_NEW_TOKENS = 12
+DEMO_VERSION = "3"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A synthetic task of the demo and the response length it needs."""
+
+    name: str
+    task_args: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 12
+    teacher_steps: int | None = None  # SFT steps, when the settings' default does not suit
+    student_init_steps: int | None = None
+
+
+GRAPH = DemoTask("graph", {"num_nodes": 10, "path_length": 2, "num_distractors": 2}, 12)
+# Single-digit values: the teacher masters it in 600 steps; 150 leave the student at ~40%.
+ARITHMETIC = DemoTask("arithmetic", {"num_steps": 2, "max_value": 9}, 24, 600, 150)
+TASK = {"task": GRAPH.name, "task_args": GRAPH.task_args}  # what the example configs use
+MAX_NEW_TOKENS = GRAPH.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,10 @@ class DemoSettings:
         )
 
 
+def _on_policy(loss: dict[str, Any], **extra: dict[str, Any]) -> dict[str, Any]:
+    return {"loss": loss, "train": {"student_data_fraction": 1.0}, **extra}
+
+
 # Each method is a configuration of the one training loop.
 METHODS: dict[str, dict[str, Any]] = {
     "SFT": {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0}},
@@ -81,109 +105,161 @@ METHODS: dict[str, dict[str, Any]] = {
         "loss": {"kind": "forward_kl"},
         "train": {"student_data_fraction": 0.0},
     },
-    "GKD on-policy (λ=1, JSD 0.9)": {
-        "loss": {"kind": "jsd", "beta": 0.9},
-        "train": {"student_data_fraction": 1.0},
-    },
-    "GKD on-policy (λ=1, RKL)": {
-        "loss": {"kind": "reverse_kl"},
-        "train": {"student_data_fraction": 1.0},
-    },
+    "GKD on-policy (λ=1, JSD 0.9)": _on_policy({"kind": "jsd", "beta": 0.9}),
+    "GKD on-policy (λ=1, RKL)": _on_policy({"kind": "reverse_kl"}),
     "GKD mixed (λ=0.5, JSD 0.9)": {
         "loss": {"kind": "jsd", "beta": 0.9},
         "train": {"student_data_fraction": 0.5},
     },
 }
+
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "SFT": METHODS["SFT"],
+    "supervised KD (FKL)": METHODS["supervised KD (λ=0, FKL)"],
+    "GKD (λ=1, JSD 0.9)": METHODS["GKD on-policy (λ=1, JSD 0.9)"],
+    "GKD (λ=1, RKL)": METHODS["GKD on-policy (λ=1, RKL)"],
+    "sampled-token": _on_policy({"kind": "sampled_token"}),
+    "vOPD": _on_policy({"kind": "vopd"}),
+    "vOPD top-8": _on_policy({"kind": "vopd", "top_k": 8}),
+    "MiniLLM": _on_policy({"kind": "minillm", "minillm": {"teacher_mix": 0.2, "clip": 0.2}}),
+    "DistiLLM (skew FKL, adaptive)": {
+        "loss": {"kind": "skew_forward_kl", "alpha": 0.1},
+        "train": {"student_data_fraction": 0.0, "adaptive_source": {"enabled": True}},
+    },
+    "TAID": _on_policy({"kind": "taid"}),
+    "TIP (RKL, keep 50%)": _on_policy(
+        {"kind": "reverse_kl", "tip": {"mode": "weighted", "keep_fraction": 0.5}}
+    ),
+    "position-weighted vOPD": _on_policy({"kind": "vopd", "position_weights": {"enabled": True}}),
+    "GKD + reward (RKL, w=0.5)": _on_policy(
+        {"kind": "reverse_kl"}, reward={"distill_weight": 0.5, "group_size": 4}
+    ),
+    "GRPO (verifier only)": _on_policy(
+        {"kind": "nll"}, reward={"distill_weight": 0.0, "group_size": 4}
+    ),
+}
+
+SUITES: dict[str, tuple[tuple[DemoTask, ...], dict[str, dict[str, Any]]]] = {
+    "default": ((GRAPH,), METHODS),
+    "objectives": ((GRAPH, ARITHMETIC), OBJECTIVES),
+}
 METRICS = ["accuracy", "pass@1", "pass@4", "pass@16", "distinct_correct", "teacher_rkl"]
-HEADERS = {"distinct_correct": "distinct correct", "teacher_rkl": "RKL to teacher"}
+HEADERS = {
+    "distinct_correct": "distinct correct",
+    "teacher_rkl": "RKL to teacher",
+    "seconds_per_step": "s/step",
+}
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("OPDISTILL_CACHE", "~/.cache/opdistill")).expanduser()
 
 
-def _fingerprint(settings: DemoSettings) -> str:
-    spec = json.dumps([DEMO_VERSION, TASK, dataclasses.asdict(settings)], sort_keys=True)
+def _fingerprint(settings: DemoSettings, task: DemoTask) -> str:
+    spec = json.dumps(
+        [DEMO_VERSION, dataclasses.asdict(task), dataclasses.asdict(settings)], sort_keys=True
+    )
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def _config(
-    settings: DemoSettings, output_dir: Path, steps: int, seed: int, lr: float, **sections: dict
+    settings: DemoSettings,
+    task: DemoTask,
+    output_dir: Path,
+    steps: int,
+    seed: int,
+    lr: float,
+    method: dict[str, Any] | None = None,
 ) -> Config:
-    config = Config(
-        model=ModelConfig(student="(in memory)", teacher="(in memory)"),
-        data=DataConfig(**TASK, train_size=settings.train_size, eval_size=settings.eval_prompts),
-        loss=LossConfig(),
-        train=TrainConfig(
-            steps=steps,
-            batch_size=settings.batch_size,
-            lr=lr,
-            warmup_steps=steps // 10,
-            seed=seed,
-            max_new_tokens=MAX_NEW_TOKENS,
-            log_every=25,
-            output_dir=str(output_dir),
-            progress=False,
-        ),
-        eval=EvalConfig(
-            num_prompts=settings.eval_prompts,
-            num_samples=settings.eval_samples,
-            ks=[k for k in (1, 4, 16) if k <= settings.eval_samples],
-            max_new_tokens=MAX_NEW_TOKENS,
-            batch_size=400,
-        ),
-    )
-    for section, values in sections.items():
-        setattr(config, section, dataclasses.replace(getattr(config, section), **values))
-    return config
+    """A validated run config for `method` on `task` (models are passed in memory)."""
+    values = {
+        "model": {"student": "(in memory)", "teacher": "(in memory)"},
+        "data": {
+            "task": task.name,
+            "task_args": task.task_args,
+            "train_size": settings.train_size,
+            "eval_size": settings.eval_prompts,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": settings.batch_size,
+            "lr": lr,
+            "warmup_steps": steps // 10,
+            "seed": seed,
+            "max_new_tokens": task.max_new_tokens,
+            "log_every": 25,
+            "output_dir": str(output_dir),
+            "progress": False,
+        },
+        "eval": {
+            "num_prompts": settings.eval_prompts,
+            "num_samples": settings.eval_samples,
+            "ks": [k for k in (1, 4, 16) if k <= settings.eval_samples],
+            "max_new_tokens": task.max_new_tokens,
+            "batch_size": 400,
+        },
+    }
+    return config_from_dict(_merge(values, method or {}))
 
 
-def _task_data(settings: DemoSettings):
-    task = make_task(TASK["task"], **TASK["task_args"])
+def _task_data(settings: DemoSettings, task: DemoTask):
+    instance = make_task(task.name, **task.task_args)
     return (
-        task,
-        task.examples("train", settings.train_size, seed=0),
-        task.examples("eval", settings.eval_prompts, seed=0),
+        instance,
+        instance.examples("train", settings.train_size, seed=0),
+        instance.examples("eval", settings.eval_prompts, seed=0),
     )
 
 
-def prepare(cache_dir: Path, settings: DemoSettings, name: str = "demo") -> Path:
-    """Tokenizer, teacher and initial student, trained once and cached under `cache_dir/name`."""
-    root = cache_dir / name
+def _cache_name(task: DemoTask, quick: bool) -> str:
+    name = "demo" if task == GRAPH else f"demo-{task.name}"
+    return f"{name}-quick" if quick else name
+
+
+def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool = False) -> Path:
+    """Tokenizer, teacher and initial student for `task`, trained once and cached."""
+    root = cache_dir / _cache_name(task, quick)
     done = root / "COMPLETE"
-    if done.exists() and done.read_text().strip() == _fingerprint(settings):
+    if done.exists() and done.read_text().strip() == _fingerprint(settings, task):
         print(f"using the cached teacher and initial student in {root}")
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    task, train, evals = _task_data(settings)
+    instance, train, evals = _task_data(settings, task)
     tokenizer = build_word_tokenizer(e.prompt + " " + e.completion for e in train + evals)
     tokenizer.save_pretrained(root / "tokenizer")
+    teacher_steps, student_steps = settings.teacher_steps, settings.student_init_steps
+    if not quick:
+        teacher_steps = task.teacher_steps or teacher_steps
+        student_steps = task.student_init_steps or student_steps
     for role, (hidden, layers, heads), steps in (
-        ("teacher", settings.teacher_size, settings.teacher_steps),
-        ("student_init", settings.student_size, settings.student_init_steps),
+        ("teacher", settings.teacher_size, teacher_steps),
+        ("student_init", settings.student_size, student_steps),
     ):
         started = time.perf_counter()
         model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads)
-        config = _config(
-            settings,
-            root / f"{role}_run",
-            steps,
-            seed=0,
-            lr=settings.teacher_lr,
-            loss={"kind": "nll"},
-            train={"student_data_fraction": 0.0, "progress": True},
-        )
+        sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0, "progress": True}}
+        config = _config(settings, task, root / f"{role}_run", steps, 0, settings.teacher_lr, sft)
         print(
-            f"training the {role.replace('_', ' ')} by SFT: "
+            f"{task.name}: training the {role.replace('_', ' ')} by SFT, "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps"
         )
-        Trainer(config, model, tokenizer, task, train).train()
+        Trainer(config, model, tokenizer, instance, train).train()
         model.save_pretrained(root / role)
         tokenizer.save_pretrained(root / role)
         shutil.rmtree(root / f"{role}_run", ignore_errors=True)
         print(f"  done in {time.perf_counter() - started:.0f}s")
-    done.write_text(_fingerprint(settings) + "\n")
+    done.write_text(_fingerprint(settings, task) + "\n")
     return root
 
 
@@ -194,96 +270,43 @@ def run_demo(
     steps: int | None = None,
     prepare_only: bool = False,
     quick: bool = False,
+    suite: str = "default",
 ) -> dict[str, Any]:
-    """Run the whole demo; return what it writes to `results.json`."""
+    """Run a suite; return what it writes to `results.json`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     settings = DemoSettings.quick() if quick else DemoSettings()
-    root = prepare(
-        cache_dir or default_cache_dir(), settings, name="demo-quick" if quick else "demo"
-    )
+    tasks, methods = SUITES[suite]
+    roots = {t.name: prepare(cache_dir or default_cache_dir(), settings, t, quick) for t in tasks}
     if prepare_only:
         return {}
     steps = steps or settings.method_steps
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
-    student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
-    task, train, evals = _task_data(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
-    scorer = ModelTeacher(teacher, len(tokenizer))
-    ec = _config(settings, output_dir, 1, 0, 1.0).eval
-
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(
-            model,
-            tokenizer,
-            task,
-            evals,
-            num_samples=ec.num_samples,
-            ks=ec.ks,
-            max_new_tokens=MAX_NEW_TOKENS,
-            batch_size=ec.batch_size,
-            teacher=scorer,
-        )
-
     per_seed: dict[str, list[dict[str, float]]] = {}
-    for name, model in (("teacher", teacher), ("initial student", student_init)):
-        per_seed[name] = [measure(model)]
-    print(
-        f"teacher {count_parameters(teacher) / 1e6:.2f}M parameters, greedy accuracy "
-        f"{per_seed['teacher'][0]['accuracy']:.2f}; initial student "
-        f"{count_parameters(student_init) / 1e6:.2f}M, "
-        f"{per_seed['initial student'][0]['accuracy']:.2f}"
-    )
-
-    runs = [(seed, method) for seed in range(seeds) for method in METHODS]
-    progress = tqdm(runs, desc="demo runs", dynamic_ncols=True)
-    for seed, method in progress:
-        progress.set_postfix_str(f"seed {seed}, {method}")
-        run_dir = output_dir / "runs" / f"{_slug(method)}-seed{seed}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = _config(
-            settings, run_dir, steps, seed, settings.method_lr, **copy.deepcopy(METHODS[method])
+    plots = []
+    for task in tasks:
+        results = _run_task(task, roots[task.name], methods, settings, output_dir, seeds, steps)
+        prefix = f"{task.name} · " if len(tasks) > 1 else ""
+        per_seed.update({prefix + m: r for m, r in results.items()})
+        curves = {m: summarise_curves([_curve(r) for r in runs]) for m, runs in results.items()}
+        name = f"pass_at_k_{task.name}.png" if len(tasks) > 1 else "pass_at_k.png"
+        plots.append(
+            plot_pass_at_k(
+                curves,
+                output_dir / name,
+                title=f"{task.name}: {steps} steps per method, {seeds} seeds",
+                dashed=("teacher", "initial student"),
+            )
         )
-        trainer = Trainer(
-            config,
-            copy.deepcopy(student_init),
-            tokenizer,
-            task,
-            train,
-            teacher_model=teacher,
-            teacher=scorer,
-        )
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-        metrics = measure(trainer.accelerator.unwrap_model(trainer.student))
-        metrics["seconds_per_step"] = seconds / max(1, steps)
-        per_seed.setdefault(method, []).append(metrics)
-        progress.write(
-            f"seed {seed}  {method:30s} accuracy {metrics['accuracy']:.3f}  "
-            f"pass@1 {metrics['pass@1']:.3f}  ({seconds:.0f}s)"
-        )
-    progress.close()
 
     summary = summarise(per_seed)
-    metrics_shown = [
-        m for m in [*METRICS, "seconds_per_step"] if any(m in s for s in summary.values())
-    ]
-    table = markdown_table(
-        summary, metrics_shown, headers={**HEADERS, "seconds_per_step": "s/step"}
-    )
-    curves = {m: summarise_curves([_curve(r) for r in runs_]) for m, runs_ in per_seed.items()}
-    plot_path = plot_pass_at_k(
-        curves,
-        output_dir / "pass_at_k.png",
-        title=f"graph path-finding: {steps} steps per method, {seeds} seeds",
-        dashed=("teacher", "initial student"),
-    )
+    shown = [m for m in [*METRICS, "seconds_per_step"] if any(m in s for s in summary.values())]
+    table = markdown_table(summary, shown, headers=HEADERS)
     elapsed = time.perf_counter() - started
     results = {
+        "suite": suite,
         "steps_per_method": steps,
         "seeds": seeds,
         "settings": dataclasses.asdict(settings),
@@ -296,10 +319,77 @@ def run_demo(
     print()
     print(table)
     print(
-        f"\nresults: {output_dir / 'results.json'}   plot: {plot_path}   "
+        f"\nresults: {output_dir / 'results.json'}   plots: {', '.join(map(str, plots))}   "
         f"total {elapsed / 60:.1f} min"
     )
     return results
+
+
+def _run_task(
+    task: DemoTask,
+    root: Path,
+    methods: dict[str, dict[str, Any]],
+    settings: DemoSettings,
+    output_dir: Path,
+    seeds: int,
+    steps: int,
+) -> dict[str, list[dict[str, float]]]:
+    """Evaluate the teacher and initial student, then train every method for every seed."""
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
+    student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
+    instance, train, evals = _task_data(settings, task)
+    scorer = ModelTeacher(teacher, len(tokenizer))
+    ec = _config(settings, task, output_dir, 1, 0, 1.0).eval
+
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    for name, model in (("teacher", teacher), ("initial student", student_init)):
+        per_seed[name] = [
+            evaluate(
+                model,
+                tokenizer,
+                instance,
+                evals,
+                num_samples=ec.num_samples,
+                ks=ec.ks,
+                max_new_tokens=ec.max_new_tokens,
+                batch_size=ec.batch_size,
+                teacher=scorer,
+            )
+        ]
+    print(
+        f"{task.name}: teacher {count_parameters(teacher) / 1e6:.2f}M parameters, greedy "
+        f"accuracy {per_seed['teacher'][0]['accuracy']:.2f}; initial student "
+        f"{count_parameters(student_init) / 1e6:.2f}M, "
+        f"{per_seed['initial student'][0]['accuracy']:.2f}"
+    )
+
+    runs = [(seed, method) for seed in range(seeds) for method in methods]
+    progress = tqdm(runs, desc=f"{task.name} runs", dynamic_ncols=True)
+    for seed, method in progress:
+        progress.set_postfix_str(f"seed {seed}, {method}")
+        run_dir = output_dir / "runs" / task.name / f"{_slug(method)}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = _config(settings, task, run_dir, steps, seed, settings.method_lr, methods[method])
+        trainer = Trainer(
+            config,
+            copy.deepcopy(student_init),
+            tokenizer,
+            instance,
+            train,
+            evals,
+            teacher_model=teacher,
+            teacher=scorer,
+        )
+        metrics = trainer.train()  # ends with the held-out evaluation
+        metrics["seconds_per_step"] = trainer.train_seconds / max(1, steps)
+        per_seed.setdefault(method, []).append(metrics)
+        progress.write(
+            f"{task.name} seed {seed}  {method:32s} accuracy {metrics['accuracy']:.3f}  "
+            f"pass@1 {metrics['pass@1']:.3f}  ({trainer.train_seconds:.0f}s)"
+        )
+    progress.close()
+    return per_seed
 
 
 def _curve(metrics: dict[str, float]) -> dict[int, float]:
@@ -307,4 +397,4 @@ def _curve(metrics: dict[str, float]) -> dict[int, float]:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())

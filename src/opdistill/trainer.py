@@ -216,6 +216,7 @@ class Trainer:
 
         self.output_dir = Path(tc.output_dir)
         self._writer: SummaryWriter | None = None
+        self.train_seconds = 0.0  # time spent in steps, without evaluation and checkpoints
 
     # ----------------------------------------------------------------------------------- step
     def step(self) -> StepStats:
@@ -391,6 +392,7 @@ class Trainer:
         evaluated = False
         while self.step_count < tc.steps:
             stats = self.step()
+            self.train_seconds += stats.seconds
             window.append(stats)
             progress.update(1)
             progress.set_postfix(loss=f"{stats.loss:.4f}", src="on" if stats.on_policy else "off")
@@ -400,9 +402,10 @@ class Trainer:
             evaluated = bool(tc.eval_every) and self.step_count % tc.eval_every == 0
             if evaluated:
                 final = self.evaluate()
-                if self.replay is not None:
-                    final.update(self.adapt_student_data_fraction())
                 self._log("eval", final)
+            adaptive = tc.adaptive_source
+            if adaptive.enabled and self.step_count % adaptive.validate_every == 0:
+                self._log("validation", self.adapt_student_data_fraction())
             if tc.save_every and self.step_count % tc.save_every == 0:
                 self.save_checkpoint()
         progress.close()
@@ -443,7 +446,8 @@ class Trainer:
         """
         kind = self.config.loss.kind
         kind = kind if kind in (*DIVERGENCE_KINDS, "nll") else "reverse_kl"
-        examples = [e for e in self.eval_examples if e.completion is not None]
+        held_out = self.eval_examples[: self.config.eval.num_prompts]
+        examples = [e for e in held_out if e.completion is not None]
         if not examples:
             raise OpdistillError("train.adaptive_source needs eval examples with a completion")
         student = self.accelerator.unwrap_model(self.student)
