@@ -66,6 +66,32 @@ def test_overrides_apply_after_the_file(tmp_path):
         ("model: {student: s}\nloss: {kind: reverse_kl}", r"model.teacher is required"),
         ("loss: {kind: nll}", r"model.student is required"),
         ("model: {student: s, teacher: t}\neval: {ks: [32], num_samples: 16}", r"eval.ks"),
+        (
+            "model: {student: s, teacher: t}\nloss: {minillm: {teacher_mixx: 0.2}}",
+            r"unknown key 'loss\.minillm\.teacher_mixx'",
+        ),
+        (
+            "model: {student: s, teacher: t}\nloss: {tip: {mode: all}}",
+            r"loss\.tip\.mode: 'all' is not one of",
+        ),
+        (
+            "model: {student: s, teacher: t}\nreward: {distill_weight: 2}",
+            r"reward\.distill_weight must be in \[0, 1\]",
+        ),
+        (
+            "model: {student: s, teacher: t}\nloss: {kind: minillm, minillm: {teacher_mix: 1.0}}",
+            r"teacher_mix must be in \[0, 1\)",
+        ),
+        ("model: {student: s, teacher: t}\nloss: {kind: vopd, top_k: -1}", r"loss\.top_k"),
+        (
+            "model: {student: s, teacher: t}\ndata: {eval_size: 0}\n"
+            "train: {adaptive_source: {enabled: true}}",
+            r"needs a validation loss",
+        ),
+        (
+            "model: {student: s, teacher: t}\nloss: {kind: taid, taid: {t_start: 1.5}}",
+            r"loss\.taid\.t_start",
+        ),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, message):
