@@ -37,9 +37,14 @@ def plot_pass_at_k(
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig = Figure(figsize=(6.0, 4.0))
+    crowded = len(curves) > 8  # legend beside the axes, and a palette of 20 colours
+    fig = Figure(figsize=(9.5 if crowded else 6.0, 4.5 if crowded else 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    if crowded:
+        from matplotlib import colormaps
+
+        ax.set_prop_cycle(color=[colormaps["tab20"](i) for i in range(20)])
     all_ks: set[int] = set()
     for method, curve in curves.items():
         ks = sorted(curve)
@@ -68,7 +73,10 @@ def plot_pass_at_k(
     ax.set_ylabel("pass@k")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    if crowded:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="best")
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
