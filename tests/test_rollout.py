@@ -77,3 +77,14 @@ def test_teacher_mixed_rollout(tokenizer, graph_task):
     expected = log_mix.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     mask = batch.response_mask.bool()
     assert torch.allclose(batch.sampler_logprobs[mask], expected[mask], atol=1e-4)
+
+
+def test_rollout_without_logprobs_samples_the_same_tokens(tokenizer, graph_task):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=7)
+    examples = graph_task.examples("eval", 4)
+    batches = []
+    for record in (True, False):
+        torch.manual_seed(3)
+        batches.append(HFGenerateRollout(model, tokenizer, record).generate(examples, 5))
+    assert torch.equal(batches[0].response_ids, batches[1].response_ids)
+    assert batches[0].sampler_logprobs is not None and batches[1].sampler_logprobs is None

@@ -71,9 +71,15 @@ class HFGenerateRollout:
     are those of the distribution the tokens were drawn from.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        record_logprobs: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
+        self.record_logprobs = record_logprobs  # keeps one [B, V] score per step while sampling
         self.prompts = _PromptCache(tokenizer)
 
     @torch.no_grad()
@@ -105,23 +111,34 @@ class HFGenerateRollout:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
-            output_scores=True,
+            output_scores=self.record_logprobs,
             return_dict_in_generate=True,
             **sampling,
         )
         self.model.train(was_training)
         response_ids = output.sequences[:, prompt_ids.shape[1] :]
-        scores = torch.stack(output.scores, dim=1).float()  # [B, R, V], after temperature
-        token_logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1))
-        return _finish(
+        if self.record_logprobs:  # scores are the sampler's logits after temperature, per step
+            token_logprobs = torch.stack(
+                [
+                    torch.log_softmax(score.float(), dim=-1).gather(-1, ids.unsqueeze(-1))[:, 0]
+                    for score, ids in zip(output.scores, response_ids.unbind(1), strict=True)
+                ],
+                dim=1,
+            )
+        else:
+            token_logprobs = torch.zeros(response_ids.shape)
+        batch = _finish(
             prompt_ids,
             prompt_mask,
             response_ids.cpu(),
-            token_logprobs.squeeze(-1).cpu(),
+            token_logprobs.cpu(),
             tokenizer.eos_token_id,
             tokenizer.pad_token_id,
             examples,
         )
+        if not self.record_logprobs:
+            batch.sampler_logprobs = None
+        return batch
 
 
 class TeacherMixedRollout:

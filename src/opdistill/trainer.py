@@ -178,10 +178,12 @@ class Trainer:
         self.scores_with_teacher = scores_with_teacher(config)
 
         # Samplers: the student (or the teacher–student mixture of MiniLLM), and the teacher.
-        self.student_sampler: RolloutBackend = HFGenerateRollout(unwrapped, tokenizer)
+        # Sampler log-probs feed the importance ratio / PPO clip and the replay buffer only.
+        record = lc.kind in ("sampled_token", "minillm") or tc.adaptive_source.enabled
+        self.student_sampler: RolloutBackend = HFGenerateRollout(unwrapped, tokenizer, record)
         self.teacher_sampler: RolloutBackend | None = None
         if teacher_model is not None:
-            self.teacher_sampler = HFGenerateRollout(teacher_model, tokenizer)
+            self.teacher_sampler = HFGenerateRollout(teacher_model, tokenizer, record)
             if lc.kind == "minillm" and lc.minillm.teacher_mix > 0:
                 self.student_sampler = TeacherMixedRollout(
                     unwrapped, teacher_model, tokenizer, lc.minillm.teacher_mix

@@ -44,7 +44,7 @@ def evaluate(
     responses.
     Sampling uses its own seeded RNG and leaves the global RNG state untouched.
     """
-    rollout = HFGenerateRollout(model, tokenizer)
+    rollout = HFGenerateRollout(model, tokenizer, record_logprobs=False)
     vocab_size = len(tokenizer)
     metrics: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]):
