@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
-    from opdistill.eval import evaluate
+    from opdistill.eval.evaluate import evaluate_with_config
     from opdistill.models import check_tokenizers_match, load_model, load_tokenizer
     from opdistill.tasks import make_task
     from opdistill.teacher import ModelTeacher
@@ -51,19 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
         teacher = ModelTeacher(load_model(mc.teacher, mc.dtype), len(tokenizer))
     task = make_task(dc.task, **dc.task_args)
     examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
-    metrics = evaluate(
-        model,
-        tokenizer,
-        task,
-        examples,
-        num_samples=ec.num_samples,
-        ks=ec.ks,
-        temperature=ec.temperature,
-        max_new_tokens=ec.max_new_tokens,
-        batch_size=ec.batch_size,
-        teacher=teacher,
-        seed=dc.seed,
-    )
+    metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
     text = json.dumps(metrics, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

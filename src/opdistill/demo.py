@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill.config import Config, config_from_dict
 from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
-from opdistill.eval.evaluate import evaluate
+from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.models import count_parameters, tiny_llama
 from opdistill.tasks import make_task
 from opdistill.teacher import ModelTeacher
@@ -344,19 +344,7 @@ def _run_task(
 
     per_seed: dict[str, list[dict[str, float]]] = {}
     for name, model in (("teacher", teacher), ("initial student", student_init)):
-        per_seed[name] = [
-            evaluate(
-                model,
-                tokenizer,
-                instance,
-                evals,
-                num_samples=ec.num_samples,
-                ks=ec.ks,
-                max_new_tokens=ec.max_new_tokens,
-                batch_size=ec.batch_size,
-                teacher=scorer,
-            )
-        ]
+        per_seed[name] = [evaluate_with_config(model, tokenizer, instance, evals, ec, scorer)]
     print(
         f"{task.name}: teacher {count_parameters(teacher) / 1e6:.2f}M parameters, greedy "
         f"accuracy {per_seed['teacher'][0]['accuracy']:.2f}; initial student "

@@ -46,7 +46,7 @@ from opdistill.config import (
     scores_with_teacher,
 )
 from opdistill.errors import OpdistillError
-from opdistill.eval.evaluate import evaluate
+from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.losses import (
     DIVERGENCE_KINDS,
     TaidSchedule,
@@ -424,17 +424,12 @@ class Trainer:
         """Held-out metrics of the current student (main process computes; others skip)."""
         if not self.eval_examples:
             return {}
-        ec = self.config.eval
-        return evaluate(
+        return evaluate_with_config(
             self.accelerator.unwrap_model(self.student),
             self.tokenizer,
             self.task,
-            self.eval_examples[: ec.num_prompts],
-            num_samples=ec.num_samples,
-            ks=ec.ks,
-            temperature=ec.temperature,
-            max_new_tokens=ec.max_new_tokens,
-            batch_size=ec.batch_size,
+            self.eval_examples,
+            self.config.eval,
             teacher=self.teacher,
             seed=self.config.data.seed,
         )

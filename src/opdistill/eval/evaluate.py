@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import batch_logits
+from opdistill.config import EvalConfig
 from opdistill.eval.metrics import avg_at_k, distinct_n, mean_distinct_correct, pass_at_k_curve
 from opdistill.losses import masked_token_sum, token_divergence
 from opdistill.rollout import HFGenerateRollout, decode_responses
@@ -98,3 +99,28 @@ def evaluate(
     metrics[f"avg@{num_samples}"] = avg_at_k(flags)
     metrics["distinct_correct"] = mean_distinct_correct(keys)
     return metrics
+
+
+def evaluate_with_config(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Sequence[Example],
+    config: EvalConfig,
+    teacher: Teacher | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`evaluate` with the settings of an `eval:` config section (first `num_prompts` examples)."""
+    return evaluate(
+        model,
+        tokenizer,
+        task,
+        examples[: config.num_prompts],
+        num_samples=config.num_samples,
+        ks=config.ks,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        teacher=teacher,
+        seed=seed,
+    )
