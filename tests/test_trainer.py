@@ -50,8 +50,13 @@ def test_example_stream_is_seeded_and_resumable():
         ExampleStream([], seed=0)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, graph_task):
-    """Token-mean over the whole step: 2 micro-batches of 2 == 1 batch of 4 (λ = 0, dataset)."""
+    """Token-mean over the whole step: 2 micro-batches of 2 give the gradient of 1 batch of 4.
+
+    Gradients are compared at the optimizer step (after clipping), not weights after AdamW, whose
+    normalisation would amplify float-summation noise in near-zero gradients.
+    """
     train = graph_task.examples("train", 40)
     results = []
     for batch_size, accum in ((4, 1), (2, 2)):
@@ -65,12 +70,19 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, graph_
         )
         config.loss = LossConfig(kind="forward_kl")
         trainer = Trainer(config, student, tokenizer, graph_task, train, teacher_model=teacher)
+        captured = {}
+
+        def capture(trainer=trainer, captured=captured):
+            for name, param in trainer.student.named_parameters():
+                captured[name] = param.grad.clone()
+
+        trainer.optimizer.step = capture
         stats = trainer.step()
-        results.append((stats.loss, stats.num_tokens, trainer.student.state_dict()))
+        results.append((stats.loss, stats.num_tokens, captured))
     assert results[0][1] == results[1][1]
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for name, value in results[0][2].items():
-        assert torch.allclose(value, results[1][2][name], atol=1e-6), name
+    for name, grad in results[0][2].items():
+        assert torch.allclose(grad, results[1][2][name], rtol=1e-4, atol=1e-7), name
 
 
 def test_off_policy_sources(tmp_path, tokenizer, graph_task):
@@ -208,3 +220,38 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, tokenizer, graph_task
         trainer.step()
     for name, value in trainer.student.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_keeps_the_newest_checkpoints_and_falls_back_past_a_corrupt_one(
+    tmp_path, tokenizer, graph_task
+):
+    teacher, student = models(tokenizer)
+    config = make_config(tmp_path, steps=4, keep_checkpoints=2, student_data_fraction=0.0)
+    trainer = Trainer(
+        config,
+        student,
+        tokenizer,
+        graph_task,
+        graph_task.examples("train", 16),
+        teacher_model=teacher,
+    )
+    for _ in range(4):
+        trainer.step()
+        trainer.save_checkpoint()
+    kept = [p.name for p in trainer.complete_checkpoints()]
+    assert kept == ["step-00000003", "step-00000004"]
+
+    newest = trainer.checkpoint_dir / "step-00000004" / "model" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a torn write that kept its marker
+    teacher, student = models(tokenizer)
+    resumed = Trainer(
+        config,
+        student,
+        tokenizer,
+        graph_task,
+        graph_task.examples("train", 16),
+        teacher_model=teacher,
+    )
+    with pytest.warns(UserWarning, match="step-00000004 is unreadable"):
+        path = resumed.load_latest_checkpoint()
+    assert path.name == "step-00000003" and resumed.step_count == 3

@@ -157,6 +157,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 0
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
     output_dir: str = "runs/default"
     progress: bool = True
     adaptive_source: AdaptiveSourceConfig = field(default_factory=AdaptiveSourceConfig)
@@ -327,6 +328,7 @@ def validate(config: Config) -> None:
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every/save_every must be >= 0"),
+        (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps all)"),
         (loss.temperature > 0, "loss.temperature must be > 0"),
         (ev.num_samples >= 1, "eval.num_samples must be >= 1"),
         (ev.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),

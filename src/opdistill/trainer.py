@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -522,32 +524,57 @@ class Trainer:
                 },
                 staging / "trainer_state.pt",
             )
+            _fsync_tree(staging)  # contents on disk before the marker makes them visible
             (staging / CHECKPOINT_DONE).write_text(str(self.step_count))
+            _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
+            _fsync_tree(self.checkpoint_dir, recursive=False)
+            keep = self.config.train.keep_checkpoints
+            for old in self.complete_checkpoints()[:-keep] if keep else []:
+                shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
-    def latest_checkpoint(self) -> Path | None:
-        complete = sorted(
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoints whose writing finished, oldest first (a torn one has no marker)."""
+        return sorted(
             p
             for p in self.checkpoint_dir.glob("step-*")
             if p.is_dir() and (p / CHECKPOINT_DONE).exists()
         )
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
-    def load_latest_checkpoint(self) -> None:
-        """Restore the newest complete checkpoint; start fresh when there is none."""
-        path = self.latest_checkpoint()
-        if path is None:
-            return
-        weights = load_file(str(path / "model" / "model.safetensors"))
+    def load_latest_checkpoint(self) -> Path | None:
+        """Restore the newest readable checkpoint; start fresh when there is none.
+
+        A checkpoint whose files cannot be read (truncated, corrupted) is skipped with a warning
+        in favour of the one before it.
+        """
+        for path in reversed(self.complete_checkpoints()):
+            try:
+                weights = load_file(str(path / "model" / "model.safetensors"))
+                state = torch.load(path / "trainer_state.pt", weights_only=False)
+            except Exception as error:  # any unreadable file: fall back to an older checkpoint
+                warnings.warn(
+                    f"checkpoint {path} is unreadable ({type(error).__name__}: "
+                    f"{str(error)[:80]}); trying the one before it",
+                    stacklevel=2,
+                )
+                continue
+            self._restore(path, weights, state)
+            return path
+        return None
+
+    def _restore(self, path: Path, weights: dict, state: dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.student)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         real_missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
         if unexpected or (real_missing and "lm_head.weight" not in real_missing):
             raise OpdistillError(f"checkpoint {path} does not match the student model")
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
@@ -570,6 +597,17 @@ class Trainer:
         self.accelerator.unwrap_model(self.student).save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def _fsync_tree(root: Path, recursive: bool = True) -> None:
+    """Flush the files below `root` (and the directories themselves) to disk."""
+    paths = [*(root.rglob("*") if recursive else []), root]
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _summarise_window(window: list[StepStats]) -> dict[str, float]:
