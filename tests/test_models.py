@@ -56,3 +56,13 @@ def test_vocabulary_size_and_template_mismatch():
     other.chat_template = "{{ messages[0]['content'] }}"
     with pytest.raises(OpdistillError, match="chat templates"):
         check_tokenizers_match(teacher, other)
+
+
+def test_model_without_a_causal_lm_head_is_refused(tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    DistilBertModel(config).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(OpdistillError, match="cannot load causal LM") as info:
+        load_model(str(tmp_path / "encoder"))
+    assert "\n" not in str(info.value)

@@ -216,7 +216,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, tokenizer, graph_task
         teacher_model=teacher,
     )
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-    with pytest.raises(OpdistillError, match=r"step 1: loss nan.*before the weights are updated"):
+    with pytest.raises(OpdistillError, match=r"step 1: the loss is not finite.*before the weights"):
         trainer.step()
     for name, value in trainer.student.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -255,3 +255,24 @@ def test_keeps_the_newest_checkpoints_and_falls_back_past_a_corrupt_one(
     with pytest.warns(UserWarning, match="step-00000004 is unreadable"):
         path = resumed.load_latest_checkpoint()
     assert path.name == "step-00000003" and resumed.step_count == 3
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path, tokenizer, graph_task):
+    teacher, student = models(tokenizer)
+    with torch.no_grad():
+        teacher.lm_head.weight.fill_(float("nan"))
+    config = make_config(tmp_path, steps=2, student_data_fraction=1.0, on_nonfinite="skip")
+    trainer = Trainer(
+        config,
+        student,
+        tokenizer,
+        graph_task,
+        graph_task.examples("train", 8),
+        teacher_model=teacher,
+    )
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.warns(UserWarning, match="step 1: the loss is not finite; step skipped"):
+        trainer.step()
+    assert trainer.step_count == 1 and trainer.skipped_steps == 1
+    for name, value in trainer.student.state_dict().items():
+        assert torch.equal(value, before[name]), name

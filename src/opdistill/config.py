@@ -158,6 +158,7 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient
     output_dir: str = "runs/default"
     progress: bool = True
     adaptive_source: AdaptiveSourceConfig = field(default_factory=AdaptiveSourceConfig)

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdistill.config import Config, config_from_dict
 from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
 from opdistill.eval.evaluate import evaluate_with_config
+from opdistill.files import write_atomic
 from opdistill.models import count_parameters, tiny_llama
 from opdistill.tasks import make_task
 from opdistill.teacher import ModelTeacher
@@ -315,7 +316,7 @@ def run_demo(
         "seconds": elapsed,
         "table": table,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     print()
     print(table)
     print(

@@ -49,6 +49,7 @@ from opdistill.config import (
 )
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
+from opdistill.files import append_line, write_atomic
 from opdistill.losses import (
     DIVERGENCE_KINDS,
     TaidSchedule,
@@ -221,6 +222,7 @@ class Trainer:
         self.output_dir = Path(tc.output_dir)
         self._writer: SummaryWriter | None = None
         self.train_seconds = 0.0  # time spent in steps, without evaluation and checkpoints
+        self.skipped_steps = 0  # non-finite steps skipped under train.on_nonfinite: skip
 
     # ----------------------------------------------------------------------------------- step
     def step(self) -> StepStats:
@@ -305,14 +307,22 @@ class Trainer:
             )
         )
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            culprit = self._nonfinite_tensor(total_loss)
             self.optimizer.zero_grad(set_to_none=True)
-            raise OpdistillError(
-                f"step {self.step_count + 1}: loss {total_loss}, gradient norm {grad_norm}; "
-                "stopping before the weights are updated"
+            if tc.on_nonfinite == "stop":
+                raise OpdistillError(
+                    f"step {self.step_count + 1}: {culprit} is not finite (loss {total_loss}, "
+                    f"gradient norm {grad_norm}); stopping before the weights are updated "
+                    "(train.on_nonfinite: skip skips such steps instead)"
+                )
+            warnings.warn(
+                f"step {self.step_count + 1}: {culprit} is not finite; step skipped", stacklevel=2
             )
+            self.skipped_steps += 1
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(total_loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()  # a skipped step does not advance the schedule either
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         if self.taid is not None:
@@ -329,6 +339,15 @@ class Trainer:
             seconds=time.perf_counter() - started,
             reward=mean_reward,
         )
+
+    def _nonfinite_tensor(self, loss: float) -> str:
+        """Name what went non-finite: the loss, or the first parameter with a bad gradient."""
+        if not math.isfinite(loss):
+            return "the loss"
+        for name, param in self.student.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                return f"the gradient of {name}"
+        return "the gradient norm"
 
     def _take_examples(self, size: int) -> list[Example]:
         """This process's share of the next global micro-batch (same stream on every process)."""
@@ -381,8 +400,9 @@ class Trainer:
             self.load_latest_checkpoint()
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+            write_atomic(
+                self.output_dir / "config.yaml",
+                yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
             )
         progress = tqdm(
             total=tc.steps,
@@ -489,8 +509,7 @@ class Trainer:
         for name, value in metrics.items():
             self._writer.add_scalar(f"{split}/{name}", value, self.step_count)
         record = {"step": self.step_count, "split": split, **metrics}
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.output_dir / "metrics.jsonl", json.dumps(record))
 
     # ------------------------------------------------------------------------- checkpoints
     @property
