@@ -92,6 +92,14 @@ def test_overrides_apply_after_the_file(tmp_path):
             "model: {student: s, teacher: t}\nloss: {kind: taid, taid: {t_start: 1.5}}",
             r"loss\.taid\.t_start",
         ),
+        (
+            "model: {student: s, teacher: t}\ntrain: {keep_checkpoints: -1}",
+            r"train\.keep_checkpoints must be >= 0",
+        ),
+        (
+            "model: {student: s, teacher: t}\ntrain: {on_nonfinite: ignore}",
+            r"train\.on_nonfinite: 'ignore' is not one of",
+        ),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, message):

@@ -37,6 +37,13 @@ def models(tokenizer):
     return teacher, student
 
 
+def small_trainer(config, tokenizer, task, teacher, student, size=8):
+    """A Trainer on `size` training prompts of `task`."""
+    return Trainer(
+        config, student, tokenizer, task, task.examples("train", size), teacher_model=teacher
+    )
+
+
 def test_example_stream_is_seeded_and_resumable():
     stream = ExampleStream(list(range(5)), seed=3)
     first = stream.take(7)
@@ -157,14 +164,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, graph_task
 def test_checkpoint_without_completion_marker_is_ignored(tmp_path, tokenizer, graph_task):
     teacher, student = models(tokenizer)
     config = make_config(tmp_path, steps=1)
-    trainer = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 8),
-        teacher_model=teacher,
-    )
+    trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     trainer.step()
     good = trainer.save_checkpoint()
     torn = trainer.checkpoint_dir / "step-00000009"
@@ -190,14 +190,7 @@ def test_teacher_and_student_with_different_vocab_padding(tmp_path, tokenizer, g
     )
     assert teacher.config.vocab_size != student.config.vocab_size
     config = make_config(tmp_path, steps=1, student_data_fraction=1.0)
-    trainer = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 8),
-        teacher_model=teacher,
-    )
+    trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     stats = trainer.step()
     assert math.isfinite(stats.loss) and stats.loss >= 0
 
@@ -207,14 +200,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, tokenizer, graph_task
     with torch.no_grad():
         teacher.lm_head.weight.fill_(float("nan"))
     config = make_config(tmp_path, steps=1, student_data_fraction=1.0)
-    trainer = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 8),
-        teacher_model=teacher,
-    )
+    trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     with pytest.raises(OpdistillError, match=r"step 1: the loss is not finite.*before the weights"):
         trainer.step()
@@ -227,14 +213,7 @@ def test_keeps_the_newest_checkpoints_and_falls_back_past_a_corrupt_one(
 ):
     teacher, student = models(tokenizer)
     config = make_config(tmp_path, steps=4, keep_checkpoints=2, student_data_fraction=0.0)
-    trainer = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 16),
-        teacher_model=teacher,
-    )
+    trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 16)
     for _ in range(4):
         trainer.step()
         trainer.save_checkpoint()
@@ -244,14 +223,7 @@ def test_keeps_the_newest_checkpoints_and_falls_back_past_a_corrupt_one(
     newest = trainer.checkpoint_dir / "step-00000004" / "model" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write that kept its marker
     teacher, student = models(tokenizer)
-    resumed = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 16),
-        teacher_model=teacher,
-    )
+    resumed = small_trainer(config, tokenizer, graph_task, teacher, student, 16)
     with pytest.warns(UserWarning, match="step-00000004 is unreadable"):
         path = resumed.load_latest_checkpoint()
     assert path.name == "step-00000003" and resumed.step_count == 3
@@ -262,14 +234,7 @@ def test_non_finite_steps_can_be_skipped(tmp_path, tokenizer, graph_task):
     with torch.no_grad():
         teacher.lm_head.weight.fill_(float("nan"))
     config = make_config(tmp_path, steps=2, student_data_fraction=1.0, on_nonfinite="skip")
-    trainer = Trainer(
-        config,
-        student,
-        tokenizer,
-        graph_task,
-        graph_task.examples("train", 8),
-        teacher_model=teacher,
-    )
+    trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     with pytest.warns(UserWarning, match="step 1: the loss is not finite; step skipped"):
         trainer.step()

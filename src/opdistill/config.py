@@ -415,12 +415,17 @@ def samples_from_teacher(config: Config) -> bool:
     return t.student_data_fraction < 1.0 and t.off_policy_source == "teacher"
 
 
+def samples_teacher_mixture(config: Config) -> bool:
+    """Whether on-policy steps sample from MiniLLM's teacher–student mixture."""
+    return config.loss.kind == "minillm" and config.loss.minillm.teacher_mix > 0
+
+
 def needs_teacher(config: Config) -> bool:
     """Whether the run scores with or samples from a teacher."""
     return (
         scores_with_teacher(config)
         or samples_from_teacher(config)
-        or (config.loss.kind == "minillm" and config.loss.minillm.teacher_mix > 0)
+        or samples_teacher_mixture(config)
     )
 
 

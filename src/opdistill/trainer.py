@@ -45,6 +45,7 @@ from opdistill.config import (
     config_to_dict,
     needs_teacher,
     samples_from_teacher,
+    samples_teacher_mixture,
     scores_with_teacher,
 )
 from opdistill.errors import OpdistillError
@@ -187,11 +188,11 @@ class Trainer:
         self.teacher_sampler: RolloutBackend | None = None
         if teacher_model is not None:
             self.teacher_sampler = HFGenerateRollout(teacher_model, tokenizer, record)
-            if lc.kind == "minillm" and lc.minillm.teacher_mix > 0:
+            if samples_teacher_mixture(config):
                 self.student_sampler = TeacherMixedRollout(
                     unwrapped, teacher_model, tokenizer, lc.minillm.teacher_mix
                 )
-        elif samples_from_teacher(config) or (lc.kind == "minillm" and lc.minillm.teacher_mix > 0):
+        elif samples_from_teacher(config) or samples_teacher_mixture(config):
             raise OpdistillError(
                 "sampling from the teacher (off_policy_source='teacher' or "
                 "loss.minillm.teacher_mix > 0) needs a teacher model in this process"
