@@ -46,7 +46,8 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, saved_pair, ca
     assert main(["train", str(path)]) == 0
     capsys.readouterr()
     assert main(["train", str(path)]) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"output directory '{tmp_path / 'out'}' is not empty: pass --resume" in err
     assert main(["train", str(path), "--resume", "--set", "train.steps=3"]) == 0
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-2])["step"] == 3  # resumed at 2, ran one more step
@@ -56,15 +57,40 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, saved_pair, ca
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.stepz=1", "unknown key 'train.stepz'"),
+        ("train.stepz=1", "--set 'train.stepz=1': unknown key 'train.stepz'"),
+        ("train.steps", "--set 'train.steps': expected key=value"),
+        ("train.steps=many", "--set 'train.steps=many': train.steps: expected an integer"),
         ("loss.beta=0", "jsd needs beta in (0, 1)"),
-        ("model.student=/does/not/exist", "does not exist"),
+        ("model.student=/does/not/exist", "model.student path '/does/not/exist' does not exist"),
+        ("model.teacher=/does/not/exist", "model.teacher path '/does/not/exist' does not exist"),
+        ("model.teacher={tmp}", "model.teacher directory '{tmp}' has no config.json"),
         ("data.task=chess", "unknown task 'chess'"),
+        ("data.task_args.num_nodes=x", "num_nodes: must be an integer, got 'x'"),
+        ("train.output_dir={tmp}/run.yaml", "train.output_dir '{tmp}/run.yaml' is a file"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(tmp_path, saved_pair, capsys, override, message):
     path = write_config(tmp_path, saved_pair)
+    override, message = override.format(tmp=tmp_path), message.format(tmp=tmp_path)
     assert main(["train", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("opdistill: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "{tmp}/nope.yaml"], "config file '{tmp}/nope.yaml' does not exist"),
+        (["eval", "{tmp}/nope.yaml"], "config file '{tmp}/nope.yaml' does not exist"),
+        (["train", "{tmp}/run.yaml", "--resume", "--overwrite"], "--resume and --overwrite"),
+        (["eval", "{tmp}/run.yaml", "--output", "{tmp}"], "--output '{tmp}' is a directory"),
+        (["eval", "{tmp}/run.yaml", "--model", "{tmp}/nope"], "model.student path '{tmp}/nope'"),
+    ],
+)
+def test_bad_command_lines_are_one_line_on_stderr(tmp_path, saved_pair, capsys, argv, message):
+    write_config(tmp_path, saved_pair)
+    argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=tmp_path)
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("opdistill: error:") and "\n" not in err
 
@@ -95,6 +121,8 @@ def test_examples_cover_the_documented_methods():
         "position_weights",
         "gkd_reward",
         "grpo",
+        "self_distill_reference",
+        "self_distill_demonstration",
     } <= names
 
 
@@ -118,4 +146,5 @@ eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 3}}
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
     data.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
     assert main(["train", str(path), "--overwrite"]) == 2
-    assert f"{data}:2:" in capsys.readouterr().err
+    assert f"{data}:2: 'prompt' is empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()  # the old run is kept

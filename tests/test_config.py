@@ -1,13 +1,18 @@
 import contextlib
+import dataclasses
+import re
+import typing
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opdistill.config import Config, config_from_dict, config_to_dict, load_config
 from opdistill.errors import OpdistillError
 
 MINIMAL = {"model": {"student": "s", "teacher": "t"}}
+BASE = "model: {student: s, teacher: t}\n"
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused across examples: fine
 
 
 def write(tmp_path, text):
@@ -100,6 +105,38 @@ def test_overrides_apply_after_the_file(tmp_path):
             "model: {student: s, teacher: t}\ntrain: {on_nonfinite: ignore}",
             r"train\.on_nonfinite: 'ignore' is not one of",
         ),
+        (BASE + "train: {student_data_fraction: -0.1}", r"train\.student_data_fraction must be"),
+        (BASE + "loss: {kind: jsd, beta: 0}", r"loss\.beta=0\.0: jsd needs beta in \(0, 1\)"),
+        (BASE + "loss: {kind: skew_forward_kl, alpha: 1}", r"loss\.alpha=1\.0: skew divergences"),
+        (BASE + "loss: {kind: skew_reverse_kl, alpha: -0.5}", r"loss\.alpha=-0\.5: skew"),
+        (BASE + "eval: {max_new_tokens: 0}", r"eval\.max_new_tokens must be >= 1"),
+        (BASE + "train: {max_new_tokens: -3}", r"train\.max_new_tokens must be >= 1"),
+        (BASE + "train: {steps: -1}", r"train\.steps must be >= 0"),
+        (BASE + "train: {batch_size: 0}", r"train\.batch_size must be >= 1"),
+        (BASE + "train: {grad_accum: 0}", r"train\.grad_accum must be >= 1"),
+        (BASE + "train: {lr: 0}", r"train\.lr must be > 0"),
+        (BASE + "train: {lr: -1e-4}", r"train\.lr must be > 0"),
+        (BASE + "train: {lr: .nan}", r"train\.lr: expected a finite number, got nan"),
+        (BASE + "train: {student_data_fraction: .inf}", r"student_data_fraction: expected a fin"),
+        (BASE + "train: {temperature: 0}", r"train\.temperature \(sampling\) must be > 0"),
+        (BASE + "eval: {temperature: 0}", r"eval\.temperature must be > 0"),
+        (BASE + "loss: {temperature: 0}", r"loss\.temperature must be > 0"),
+        (BASE + "eval: {ks: [1, 32], num_samples: 16}", r"eval\.ks: k=32 must lie in \[1, eval"),
+        (BASE + "eval: {ks: [0, 1]}", r"eval\.ks: k=0 must lie in"),
+        (
+            BASE + "reward: {group_size: 3}\ntrain: {batch_size: 16}",
+            r"train\.batch_size=16 must be a multiple of reward\.group_size=3",
+        ),
+        (BASE + "train: {weight_decay: -0.1}", r"train\.weight_decay must be >= 0"),
+        (BASE + "data: {train_size: -1}", r"data\.train_size must be >= 0"),
+        (BASE + "data: {eval_size: -1}", r"data\.eval_size must be >= 0"),
+        (BASE + "eval: {num_prompts: -1}", r"eval\.num_prompts must be >= 0"),
+        (BASE + "loss: {tip: {entropy_power: -1}}", r"loss\.tip\.entropy_power and divergence"),
+        (BASE + "loss: {tip: {divergence_threshold: 2}}", r"loss\.tip\.entropy_threshold and"),
+        (BASE + "model: {student: 3}", r":2: duplicate key 'model'"),
+        (BASE + "loss: {kind: jsd, kind: nll}", r":2: duplicate key 'kind'"),
+        ("model: {student: 3}", r"model\.student: expected a string, got 3"),
+        ("model: {student: s}\ntrain: [1, 2]", r"train: expected a mapping, got \[1, 2\]"),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, message):
@@ -110,20 +147,61 @@ def test_bad_configs_name_the_key_and_file(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
-def test_yaml_syntax_error_names_the_line(tmp_path):
-    path = write(tmp_path, "model:\n  student: s\ntrain: {steps: [\n")
-    with pytest.raises(OpdistillError, match=rf"{path.name}:\d+"):
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"model:\n  student: s\ntrain: {steps: [\n", r":4: expected the node content"),
+        (b"model: {student: s\n  teacher: t\n", r":2: expected ',' or '}'"),
+        (b"model:\n\tstudent: s\n", r":2: found character '\\t'"),
+        (b"model: {student: s}\ntrain: {output_dir: \xff}\n", r":2: not valid UTF-8"),
+        (b"model: {student: s}\n\x00\n", r":2: character '\\x00' is not allowed in YAML"),
+        (b"model: {student: s}\ndata: {seed: !!int x}\n", r":2: cannot read 'x' as int"),
+        (b"model: {student: s}\nx: 2001-13-01\n", r":2: cannot read '2001-13-01' as timestamp"),
+        (b"[" * 3000, r": invalid YAML \(nested too deeply\)"),
+        (b"- model\n- train\n", r": expected a mapping of sections at the top level"),
+        (b"just text\n", r": expected a mapping of sections at the top level"),
+    ],
+)
+def test_unreadable_yaml_names_the_file_and_line(tmp_path, data, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(data)
+    with pytest.raises(OpdistillError) as info:
         load_config(path)
+    text = str(info.value)
+    assert text.startswith(str(path)) and re.search(message, text) and "\n" not in text
 
 
-def test_missing_file_and_bad_override(tmp_path):
-    with pytest.raises(OpdistillError, match="does not exist"):
+def test_missing_config_file(tmp_path):
+    with pytest.raises(OpdistillError, match=r"config file '.*nope\.yaml' does not exist"):
         load_config(tmp_path / "nope.yaml")
-    path = write(tmp_path, "model: {student: s, teacher: t}\n")
-    with pytest.raises(OpdistillError, match="expected key=value"):
-        load_config(path, ["train.steps"])
-    with pytest.raises(OpdistillError, match=r"unknown key 'train\.nope'"):
-        load_config(path, ["train.nope=1"])
+    with pytest.raises(OpdistillError, match=r"config file '.*' is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps", r"--set 'train\.steps': expected key=value"),
+        ("train.nope=1", r"--set 'train\.nope=1': unknown key 'train\.nope' \(valid: .*steps"),
+        ("nope.x=1", r"--set 'nope\.x=1': unknown key 'nope'"),
+        ("=1", r"--set '=1': unknown key ''"),
+        ("train.steps.x=1", r"--set 'train\.steps\.x=1': 'train\.steps' is not a section"),
+        ("train.steps=abc", r"--set 'train\.steps=abc': train\.steps: expected an integer"),
+        ("train=1", r"--set 'train=1': train: expected a mapping"),
+        ("loss.kind=kl", r"--set 'loss\.kind=kl': loss\.kind: 'kl' is not one of"),
+        ("data.task_args=1", r"--set 'data\.task_args=1': data\.task_args: expected a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_set_item(tmp_path, override, message):
+    path = write(tmp_path, BASE)
+    with pytest.raises(OpdistillError, match=message) as info:
+        load_config(path, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_into_free_form_options(tmp_path):
+    config = load_config(write(tmp_path, BASE), ["data.task_args.num_nodes=9"])
+    assert config.data.task_args == {"num_nodes": 9}
 
 
 def test_defaults_are_valid():
@@ -131,10 +209,20 @@ def test_defaults_are_valid():
     assert isinstance(config, Config) and config.loss.reduction == "token"
 
 
+def field_names(cls: type) -> set[str]:
+    """Every key name of a config section, nested sections included."""
+    names = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        names |= {name} | (field_names(tp) if dataclasses.is_dataclass(tp) else set())
+    return names
+
+
+FIELD_NAMES = sorted(field_names(Config))
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
     lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), inner, max_size=3)
     ),
     max_leaves=8,
 )
@@ -149,3 +237,49 @@ yaml_values = st.recursive(
 def test_config_parser_never_crashes_with_anything_else(values):
     with contextlib.suppress(OpdistillError):
         config_from_dict(values)
+
+
+YAML_PIECES = [
+    *"{}[]:,-?&*!|>'\"#%@`.=\n\t ",
+    *("!!int ", "!!timestamp ", "<<: ", "\x00", ".nan", "1e9"),
+    *("model", "student", "teacher", "train", "steps", "lr", "loss", "kind", "x"),
+]
+yaml_like_text = st.lists(
+    st.sampled_from(YAML_PIECES) | st.text(max_size=3),
+    max_size=30,
+).map("".join)
+
+
+def check_load_config(path, overrides=()):
+    """load_config returns a Config or raises a one-line OpdistillError naming the file."""
+    try:
+        config = load_config(path, list(overrides))
+    except OpdistillError as error:
+        assert "\n" not in str(error)
+        assert str(path) in str(error) or str(error).startswith("--set")
+    else:
+        assert isinstance(config, Config)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(text=st.text() | yaml_like_text)
+def test_arbitrary_config_text_loads_or_raises_opdistill_error(tmp_path, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    check_load_config(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(data=st.binary(max_size=200))
+def test_arbitrary_config_bytes_load_or_raise_opdistill_error(tmp_path, data):
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(BASE.encode() + data)
+    check_load_config(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(overrides=st.lists(st.text(max_size=12) | yaml_like_text, max_size=3))
+def test_arbitrary_overrides_apply_or_raise_opdistill_error(tmp_path, overrides):
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE)
+    check_load_config(path, overrides)

@@ -4,6 +4,7 @@ import pytest
 
 from opdistill.cli import main
 from opdistill.demo import METHODS, OBJECTIVES
+from opdistill.demo_self_distill import SelfDistillSettings, methods
 
 
 @pytest.mark.slow
@@ -45,3 +46,21 @@ def test_quick_objectives_suite(tmp_path, capsys):
         assert all(f"{task} · {m}" in results["summary"] for m in OBJECTIVES)
         assert (out / f"pass_at_k_{task}.png").exists()
     assert "s/step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_self_distill_suite(tmp_path, capsys):
+    """Base student, every method, in- and out-of-distribution evaluation, table and plots."""
+    out = tmp_path / "suite"
+    args = ["demo", "--suite", "self-distill", "--quick", "--seeds", "1"]
+    assert main([*args, "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = {"teacher", "base student", *methods(SelfDistillSettings.quick())}
+    assert set(results["summary"]) == names
+    assert results["ood_prompts"] > 0
+    for name in names:
+        metrics = results["per_seed"][name][0]
+        assert {"pass@1", "pass@4", "ood pass@1", "ood pass@4", "self_bleu"} <= set(metrics)
+    for plot in ("pass_at_k.png", "pass_at_k_ood.png"):
+        assert (out / plot).stat().st_size > 1000
+    assert "| self-distill, uniform distinct demo |" in capsys.readouterr().out

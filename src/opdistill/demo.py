@@ -163,17 +163,17 @@ def _fingerprint(settings: DemoSettings, task: DemoTask) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_options(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_options(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
 
 
-def _config(
+def run_config(
     settings: DemoSettings,
     task: DemoTask,
     output_dir: Path,
@@ -210,10 +210,10 @@ def _config(
             "batch_size": 400,
         },
     }
-    return config_from_dict(_merge(values, method or {}))
+    return config_from_dict(merge_options(values, method or {}))
 
 
-def _task_data(settings: DemoSettings, task: DemoTask):
+def task_data(settings: DemoSettings, task: DemoTask):
     instance = make_task(task.name, **task.task_args)
     return (
         instance,
@@ -236,7 +236,7 @@ def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    instance, train, evals = _task_data(settings, task)
+    instance, train, evals = task_data(settings, task)
     tokenizer = build_word_tokenizer(e.prompt + " " + e.completion for e in train + evals)
     tokenizer.save_pretrained(root / "tokenizer")
     teacher_steps, student_steps = settings.teacher_steps, settings.student_init_steps
@@ -250,7 +250,8 @@ def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool
         started = time.perf_counter()
         model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads)
         sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0, "progress": True}}
-        config = _config(settings, task, root / f"{role}_run", steps, 0, settings.teacher_lr, sft)
+        run_dir = root / f"{role}_run"
+        config = run_config(settings, task, run_dir, steps, 0, settings.teacher_lr, sft)
         print(
             f"{task.name}: training the {role.replace('_', ' ')} by SFT, "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps"
@@ -258,7 +259,7 @@ def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool
         Trainer(config, model, tokenizer, instance, train).train()
         model.save_pretrained(root / role)
         tokenizer.save_pretrained(root / role)
-        shutil.rmtree(root / f"{role}_run", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         print(f"  done in {time.perf_counter() - started:.0f}s")
     done.write_text(_fingerprint(settings, task) + "\n")
     return root
@@ -302,15 +303,27 @@ def run_demo(
             )
         )
 
+    header = {"suite": suite, "steps_per_method": steps, "seeds": seeds}
+    header["settings"] = dataclasses.asdict(settings)
+    return report_results(output_dir, header, per_seed, METRICS, HEADERS, plots, started)
+
+
+def report_results(
+    output_dir: Path,
+    header: dict[str, Any],
+    per_seed: dict[str, list[dict[str, float]]],
+    metrics: list[str],
+    headers: dict[str, str],
+    plots: list[Path],
+    started: float,
+) -> dict[str, Any]:
+    """Summarise over seeds; print the table and write `results.json` (atomically)."""
     summary = summarise(per_seed)
-    shown = [m for m in [*METRICS, "seconds_per_step"] if any(m in s for s in summary.values())]
-    table = markdown_table(summary, shown, headers=HEADERS)
+    shown = [m for m in [*metrics, "seconds_per_step"] if any(m in s for s in summary.values())]
+    table = markdown_table(summary, shown, headers=headers)
     elapsed = time.perf_counter() - started
     results = {
-        "suite": suite,
-        "steps_per_method": steps,
-        "seeds": seeds,
-        "settings": dataclasses.asdict(settings),
+        **header,
         "summary": {m: {k: list(v) for k, v in s.items()} for m, s in summary.items()},
         "per_seed": per_seed,
         "seconds": elapsed,
@@ -339,9 +352,9 @@ def _run_task(
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
-    instance, train, evals = _task_data(settings, task)
+    instance, train, evals = task_data(settings, task)
     scorer = ModelTeacher(teacher, len(tokenizer))
-    ec = _config(settings, task, output_dir, 1, 0, 1.0).eval
+    ec = run_config(settings, task, output_dir, 1, 0, 1.0).eval
 
     per_seed: dict[str, list[dict[str, float]]] = {}
     for name, model in (("teacher", teacher), ("initial student", student_init)):
@@ -357,9 +370,10 @@ def _run_task(
     progress = tqdm(runs, desc=f"{task.name} runs", dynamic_ncols=True)
     for seed, method in progress:
         progress.set_postfix_str(f"seed {seed}, {method}")
-        run_dir = output_dir / "runs" / task.name / f"{_slug(method)}-seed{seed}"
+        run_dir = output_dir / "runs" / task.name / f"{slug(method)}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        config = _config(settings, task, run_dir, steps, seed, settings.method_lr, methods[method])
+        options = methods[method]
+        config = run_config(settings, task, run_dir, steps, seed, settings.method_lr, options)
         trainer = Trainer(
             config,
             copy.deepcopy(student_init),
@@ -385,5 +399,5 @@ def _curve(metrics: dict[str, float]) -> dict[int, float]:
     return {int(k[5:]): v for k, v in metrics.items() if k.startswith("pass@")}
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())

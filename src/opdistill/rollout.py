@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedType
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,6 +26,36 @@ class RolloutBackend(Protocol):
         temperature: float = 1.0,
         greedy: bool = False,
     ) -> Batch: ...
+
+
+def synced_generation() -> bool:
+    """Whether every process must run the same number of decoding steps.
+
+    Under DeepSpeed ZeRO-3 and FSDP each forward pass gathers parameter shards from all
+    processes, so a process whose responses all ended early has to keep stepping until the
+    others are done, or the collectives deadlock.
+    """
+    if not is_initialized():
+        return False
+    state = AcceleratorState()
+    if state.num_processes <= 1:
+        return False
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    return (
+        state.distributed_type == DistributedType.DEEPSPEED
+        and state.deepspeed_plugin.zero_stage == 3
+    )
+
+
+def _all_finished(finished: Tensor, synced: bool) -> bool:
+    """Every row ended; with `synced`, on every process."""
+    done = bool(finished.all())
+    if not synced:
+        return done
+    unfinished = torch.tensor(0.0 if done else 1.0, device=finished.device)
+    torch.distributed.all_reduce(unfinished)
+    return float(unfinished) == 0.0
 
 
 class _PromptCache:
@@ -104,6 +136,8 @@ class HFGenerateRollout:
         padded = range(len(tokenizer), self.model.get_output_embeddings().weight.shape[0])
         if len(padded):
             sampling["suppress_tokens"] = list(padded)
+        if synced_generation():
+            sampling["synced_gpus"] = True
         output = self.model.generate(
             input_ids=prompt_ids.to(device),
             attention_mask=prompt_mask.to(device),
@@ -182,6 +216,7 @@ class TeacherMixedRollout:
         finished = torch.zeros(len(examples), dtype=torch.bool, device=device)
         tokens, logprobs = [], []
         log_a, log_b = math.log(max(self.teacher_mix, 1e-30)), math.log1p(-self.teacher_mix)
+        synced = synced_generation()
         for _ in range(max_new_tokens):
             step_logits = []
             for index, model in enumerate((self.student, self.teacher)):
@@ -202,7 +237,7 @@ class TeacherMixedRollout:
             tokens.append(chosen)
             logprobs.append(log_mix.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
             finished |= chosen == tokenizer.eos_token_id
-            if bool(finished.all()):
+            if _all_finished(finished, synced):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             inputs = {"input_ids": chosen.unsqueeze(-1), "position_ids": positions[:, -1:] + 1}

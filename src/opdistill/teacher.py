@@ -6,13 +6,19 @@ that predict each response token, computed without gradient.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdistill.batch import Batch, batch_logits
+from opdistill.batch import Batch, batch_logits, chat_prompt, left_pad, sequence_logits
+from opdistill.context import ContextSource
+from opdistill.lora import adapters_disabled
+from opdistill.tasks.base import Example
 
 
 class Teacher(Protocol):
@@ -32,3 +38,85 @@ class ModelTeacher:
     def logits(self, batch: Batch) -> Tensor:
         device = next(self.model.parameters()).device
         return batch_logits(self.model, batch.to(device), self.vocab_size).float()
+
+
+class PrivilegedContextTeacher:
+    """The student's own network reading privileged context (on-policy self-distillation).
+
+    The teacher's prompt is `template.format(prompt=x, context=c)` with `c` from `source`
+    (the plain prompt when there is no context for an example); it scores the same response
+    tokens as the student. `model` is a frozen copy of the initial student, an EMA copy (see
+    `ema_update`) or the live student itself; it is evaluated without gradient, in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        source: ContextSource,
+        template: str,
+        base_weights: bool = False,
+    ):
+        self.model = model
+        self.base_weights = base_weights  # a LoRA student scoring with its adapters disabled
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.source = source
+        self.template = template
+        self.rows = 0
+        self.rows_with_context = 0
+
+    def prompt_ids(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Chat-formatted teacher prompts, with the context where there is one."""
+        contexts = self.source.contexts(examples)
+        self.rows += len(examples)
+        self.rows_with_context += sum(c is not None for c in contexts)
+        return [
+            chat_prompt(
+                self.tokenizer,
+                e.prompt if c is None else self.template.format(prompt=e.prompt, context=c),
+            )
+            for e, c in zip(examples, contexts, strict=True)
+        ]
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> Tensor:
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = left_pad(
+            self.prompt_ids(batch.examples), self.tokenizer.pad_token_id
+        )
+        was_training = self.model.training
+        self.model.eval()  # the live student is in train mode during the step
+        try:
+            with adapters_disabled(self.model) if self.base_weights else nullcontext():
+                logits = sequence_logits(
+                    self.model,
+                    prompt_ids.to(device),
+                    prompt_mask.to(device),
+                    batch.response_ids.to(device),
+                    batch.response_mask.to(device),
+                    self.vocab_size,
+                )
+        finally:
+            self.model.train(was_training)
+        return logits.float()
+
+    def context_fraction(self, reset: bool = True) -> float:
+        """Share of scored rows that had context since the last reset."""
+        fraction = self.rows_with_context / max(1, self.rows)
+        if reset:
+            self.rows = self.rows_with_context = 0
+        return fraction
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A gradient-free copy of `model` in eval mode (the frozen or EMA teacher's weights)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(target: PreTrainedModel, source: PreTrainedModel, decay: float) -> None:
+    """target ← decay·target + (1 − decay)·source, parameter by parameter."""
+    for mine, theirs in zip(target.parameters(), source.parameters(), strict=True):
+        mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - decay)

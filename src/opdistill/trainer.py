@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
@@ -48,9 +49,18 @@ from opdistill.config import (
     samples_teacher_mixture,
     scores_with_teacher,
 )
+from opdistill.context import ContextSource, DemonstrationContext, ReferenceContext
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import append_line, write_atomic
+from opdistill.lora import (
+    BaseModelRollout,
+    add_lora,
+    is_lora,
+    load_adapter_weights,
+    save_merged,
+    weights_file,
+)
 from opdistill.losses import (
     DIVERGENCE_KINDS,
     TaidSchedule,
@@ -67,6 +77,7 @@ from opdistill.objectives import (
     token_weights,
     uses_token_weights,
 )
+from opdistill.prompts import context_window, fit_split
 from opdistill.replay import ReplayBuffer
 from opdistill.rollout import (
     HFGenerateRollout,
@@ -76,7 +87,13 @@ from opdistill.rollout import (
 )
 from opdistill.tasks import make_task
 from opdistill.tasks.base import Example, Task
-from opdistill.teacher import ModelTeacher, Teacher
+from opdistill.teacher import (
+    ModelTeacher,
+    PrivilegedContextTeacher,
+    Teacher,
+    ema_update,
+    frozen_copy,
+)
 
 CHECKPOINT_DONE = "COMPLETE"
 
@@ -127,6 +144,7 @@ class StepStats:
     lr: float
     seconds: float
     reward: float | None = None
+    context_fraction: float | None = None  # self-distillation: teacher rows with context
 
 
 class Trainer:
@@ -142,10 +160,15 @@ class Trainer:
         eval_examples: Sequence[Example] = (),
         teacher_model: PreTrainedModel | None = None,
         teacher: Teacher | None = None,
+        data_report: dict[str, float] | None = None,
     ):
         self.config = config
+        self.data_report = data_report or {}
         tc, lc = config.train, config.loss
-        self.accelerator = Accelerator()
+        # The schedule counts optimizer steps: accelerate would otherwise step a prepared
+        # scheduler once per process at every optimizer step.
+        self.accelerator = Accelerator(step_scheduler_with_optimizer=False)
+        _check_launch(self.accelerator)
         set_seed(tc.seed)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
@@ -155,8 +178,10 @@ class Trainer:
         self.coin = random.Random(tc.seed)  # λ coin: identical on every process
         self.step_count = 0
 
-        self.optimizer = torch.optim.AdamW(
-            student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+        self.optimizer = torch.optim.AdamW(  # LoRA: the adapters only
+            [p for p in student.parameters() if p.requires_grad],
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
         )
         self.scheduler = get_scheduler(
             "cosine_with_min_lr",
@@ -180,6 +205,12 @@ class Trainer:
             teacher = teacher or ModelTeacher(teacher_model, self.vocab_size)
         self.teacher = teacher
         self.scores_with_teacher = scores_with_teacher(config)
+        # Self-distillation: the teacher is the student's own network reading privileged context,
+        # with the weights of a frozen initial copy, an EMA copy, or the live student.
+        self.teacher_copy: PreTrainedModel | None = None
+        self.initial_copy: PreTrainedModel | None = None
+        if config.self_distill.enabled:
+            self.teacher = self._self_teacher(unwrapped)
 
         # Samplers: the student (or the teacher–student mixture of MiniLLM), and the teacher.
         # Sampler log-probs feed the importance ratio / PPO clip and the replay buffer only.
@@ -224,6 +255,60 @@ class Trainer:
         self._writer: SummaryWriter | None = None
         self.train_seconds = 0.0  # time spent in steps, without evaluation and checkpoints
         self.skipped_steps = 0  # non-finite steps skipped under train.on_nonfinite: skip
+
+    def _self_teacher(self, student: PreTrainedModel) -> PrivilegedContextTeacher:
+        sd = self.config.self_distill
+        if sd.weights == "base" and not is_lora(student):
+            raise OpdistillError(
+                "self_distill.weights=base needs a LoRA student (model.lora.r > 0)"
+            )
+        if sd.weights in ("frozen", "ema"):
+            self.teacher_copy = frozen_copy(student)
+        source: ContextSource
+        if sd.context == "reference":
+            lacking = [e for e in self.stream.examples if e.reference is None and not e.completion]
+            if lacking:
+                where = lacking[0].meta.get("source") or repr(lacking[0].prompt[:40])
+                raise OpdistillError(
+                    f"self_distill.context=reference: example {where} has neither a "
+                    "'reference' nor a 'completion'"
+                )
+            source = ReferenceContext()
+        else:
+            if not self.task.has_verifier:
+                raise OpdistillError(
+                    "self_distill.context=demonstration needs a task with a verifier to check "
+                    f"the sampled demonstrations; {self.task.name!r} has none"
+                )
+            demo_model = student
+            if sd.demo_model == "initial" and sd.weights == "frozen":
+                demo_model = self.teacher_copy
+            elif sd.demo_model == "initial" and sd.weights != "base":
+                self.initial_copy = demo_model = frozen_copy(student)
+            sampler: RolloutBackend = HFGenerateRollout(demo_model, self.tokenizer, False)
+            if sd.demo_model == "initial" and sd.weights == "base":
+                sampler = BaseModelRollout(sampler, student)  # LoRA starts at its base model
+            source = DemonstrationContext(
+                sampler,
+                self.tokenizer,
+                self.task,
+                num_demonstrations=sd.num_demonstrations,
+                attempts=sd.demo_attempts,
+                selection=sd.demo_selection,
+                max_new_tokens=self.config.train.max_new_tokens,
+                temperature=sd.demo_temperature,
+                separator=sd.separator,
+                seed=self.config.train.seed,
+            )
+        network = self.teacher_copy if self.teacher_copy is not None else student
+        return PrivilegedContextTeacher(
+            network,
+            self.tokenizer,
+            self.vocab_size,
+            source,
+            sd.template,
+            base_weights=sd.weights == "base",
+        )
 
     # ----------------------------------------------------------------------------------- step
     def step(self) -> StepStats:
@@ -324,6 +409,9 @@ class Trainer:
         if math.isfinite(total_loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()  # a skipped step does not advance the schedule either
+            if self.config.self_distill.enabled and self.config.self_distill.weights == "ema":
+                student = self.accelerator.unwrap_model(self.student)
+                ema_update(self.teacher_copy, student, self.config.self_distill.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         if self.taid is not None:
@@ -331,6 +419,9 @@ class Trainer:
         mean_reward = None
         if any(r is not None for r in rewards):
             mean_reward = float(torch.cat([r for r in rewards if r is not None]).mean())
+        context_fraction = None
+        if isinstance(self.teacher, PrivilegedContextTeacher) and self.scores_with_teacher:
+            context_fraction = self.teacher.context_fraction()
         return StepStats(
             loss=total_loss,
             on_policy=on_policy,
@@ -339,6 +430,7 @@ class Trainer:
             lr=lr,
             seconds=time.perf_counter() - started,
             reward=mean_reward,
+            context_fraction=context_fraction,
         )
 
     def _nonfinite_tensor(self, loss: float) -> str:
@@ -405,6 +497,10 @@ class Trainer:
                 self.output_dir / "config.yaml",
                 yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
             )
+            if resume:  # steps after the checkpoint are run again: drop their records
+                truncate_metrics(self.output_dir / "metrics.jsonl", self.step_count or -1)
+        if self.step_count == 0:
+            self._log("data", self.data_report)
         progress = tqdm(
             total=tc.steps,
             initial=self.step_count,
@@ -444,7 +540,7 @@ class Trainer:
         return final
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics of the current student (main process computes; others skip)."""
+        """Held-out metrics of the current student (every process computes the same; main logs)."""
         if not self.eval_examples:
             return {}
         return evaluate_with_config(
@@ -453,7 +549,8 @@ class Trainer:
             self.task,
             self.eval_examples,
             self.config.eval,
-            teacher=self.teacher,
+            # a self-distillation teacher is the student with context: no distance is reported
+            teacher=None if self.config.self_distill.enabled else self.teacher,
             seed=self.config.data.seed,
         )
 
@@ -505,8 +602,10 @@ class Trainer:
         if not self.accelerator.is_main_process or not metrics:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self._writer is None:
-            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        if self._writer is None:  # purge_step: events after a resumed checkpoint are dropped
+            self._writer = SummaryWriter(
+                str(self.output_dir / "tensorboard"), purge_step=self.step_count or None
+            )
         for name, value in metrics.items():
             self._writer.add_scalar(f"{split}/{name}", value, self.step_count)
         record = {"step": self.step_count, "split": split, **metrics}
@@ -541,9 +640,12 @@ class Trainer:
                     "last_validation_loss": self.last_validation_loss,
                     "taid": None if self.taid is None else self.taid.state_dict(),
                     "replay": None if self.replay is None else self.replay.state_dict(),
+                    "context": self._context_state(),
                 },
                 staging / "trainer_state.pt",
             )
+            for name, copy_model in self._weight_copies().items():
+                save_model(copy_model, str(staging / f"{name}.safetensors"))
             _fsync_tree(staging)  # contents on disk before the marker makes them visible
             (staging / CHECKPOINT_DONE).write_text(str(self.step_count))
             _fsync_tree(staging)
@@ -576,8 +678,13 @@ class Trainer:
         """
         for path in reversed(self.complete_checkpoints()):
             try:
-                weights = load_file(str(path / "model" / "model.safetensors"))
+                student = self.accelerator.unwrap_model(self.student)
+                weights = load_file(str(path / "model" / weights_file(student)))
                 state = torch.load(path / "trainer_state.pt", weights_only=False)
+                state["copies"] = {
+                    name: load_file(str(path / f"{name}.safetensors"))
+                    for name in self._weight_copies()
+                }
             except Exception as error:  # any unreadable file: fall back to an older checkpoint
                 warnings.warn(
                     f"checkpoint {path} is unreadable ({type(error).__name__}: "
@@ -591,10 +698,15 @@ class Trainer:
 
     def _restore(self, path: Path, weights: dict, state: dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.student)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        real_missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
-        if unexpected or (real_missing and "lm_head.weight" not in real_missing):
-            raise OpdistillError(f"checkpoint {path} does not match the student model")
+        if is_lora(model):
+            load_adapter_weights(model, weights, path)
+        else:
+            _load_weights(model, weights, path)
+        for name, copy_model in self._weight_copies().items():
+            _load_weights(copy_model, state["copies"][name], path)
+        source = getattr(self.teacher, "source", None)
+        if state.get("context") is not None and hasattr(source, "load_state_dict"):
+            source.load_state_dict(state["context"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
@@ -611,12 +723,73 @@ class Trainer:
             self.replay.load_state_dict(state["replay"])
         self.step_count = state["step"]
 
+    def _weight_copies(self) -> dict[str, PreTrainedModel]:
+        """Models besides the student whose weights are part of the training state."""
+        copies = {"teacher_copy": self.teacher_copy, "initial_copy": self.initial_copy}
+        return {name: model for name, model in copies.items() if model is not None}
+
+    def _context_state(self) -> dict[str, Any] | None:
+        source = getattr(self.teacher, "source", None)
+        return source.state_dict() if hasattr(source, "state_dict") else None
+
     def save_final(self) -> Path:
-        """The trained student and its tokenizer under `output_dir/final`."""
+        """The trained student and its tokenizer under `output_dir/final`.
+
+        A LoRA student is saved merged (a plain causal LM) with its adapters in `final/adapter`.
+        """
         path = self.output_dir / "final"
-        self.accelerator.unwrap_model(self.student).save_pretrained(path)
+        student = self.accelerator.unwrap_model(self.student)
+        if is_lora(student):
+            student.save_pretrained(path / "adapter")
+            save_merged(student, path)
+        else:
+            student.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """Refuse a multi-process launch that accelerate would run as independent single processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise OpdistillError(
+            f"launched as {world} processes, but accelerate found no distributed backend and "
+            "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
+            "see docs/scaling.md"
+        )
+
+
+def _load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint's weights; either side of a pair of tied weights may be absent."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied_pairs = getattr(model, "_tied_weights_keys", None) or {}
+    tied = set(tied_pairs) | set(tied_pairs.values()) if isinstance(tied_pairs, dict) else set()
+    real_missing = [k for k in missing if k not in tied]
+    if unexpected or (real_missing and "lm_head.weight" not in real_missing):
+        raise OpdistillError(f"checkpoint {path} does not match the student model")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the records of `metrics.jsonl` up to `step` (and no torn line); return dropped.
+
+    After a resume from the checkpoint at `step`, the steps after it run again and log again.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False  # a line torn by a crash
+        if keep:
+            kept.append(line)
+        else:
+            dropped += bool(line.strip())
+    if dropped:
+        write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def _fsync_tree(root: Path, recursive: bool = True) -> None:
@@ -632,8 +805,10 @@ def _fsync_tree(root: Path, recursive: bool = True) -> None:
 
 def _summarise_window(window: list[StepStats]) -> dict[str, float]:
     rewards = [s.reward for s in window if s.reward is not None]
+    contexts = [s.context_fraction for s in window if s.context_fraction is not None]
     return {
         **({"reward": float(np.mean(rewards))} if rewards else {}),
+        **({"context_fraction": float(np.mean(contexts))} if contexts else {}),
         "loss": float(np.mean([s.loss for s in window])),
         "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
         "tokens_per_step": float(np.mean([s.num_tokens for s in window])),
@@ -649,13 +824,47 @@ def build_trainer(config: Config) -> Trainer:
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     student = load_model(mc.student, mc.dtype)
+    if mc.lora.r > 0:
+        student = add_lora(student, mc.lora)
     teacher_model = None
     if mc.teacher:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
         check_tokenizers_match(teacher_tokenizer, tokenizer)
         teacher_model = load_model(mc.teacher, mc.dtype)
-    train_examples = task.examples("train", dc.train_size, seed=dc.seed)
-    eval_examples = task.examples("eval", dc.eval_size, seed=dc.seed) if dc.eval_size else []
+    window = context_window(student, teacher_model)
+    fits = {
+        "train": fit_split(
+            dc,
+            tokenizer,
+            window,
+            task.examples("train", dc.train_size, seed=dc.seed),
+            "train",
+            config.train.max_new_tokens,
+        ),
+        "eval": fit_split(
+            dc,
+            tokenizer,
+            window,
+            task.examples("eval", dc.eval_size, seed=dc.seed) if dc.eval_size else [],
+            "eval",
+            config.eval.max_new_tokens,
+        ),
+    }
+    for split, fit in fits.items():
+        if fit.too_long:
+            print(f"opdistill: {fit.summary(split)}", file=sys.stderr)
+    data_report = {
+        f"{split}_{name}": float(value)
+        for split, fit in fits.items()
+        for name, value in (("prompts", fit.total), ("long_prompts", fit.too_long))
+    }
     return Trainer(
-        config, student, tokenizer, task, train_examples, eval_examples, teacher_model=teacher_model
+        config,
+        student,
+        tokenizer,
+        task,
+        fits["train"].examples,
+        fits["eval"].examples,
+        teacher_model=teacher_model,
+        data_report=data_report,
     )

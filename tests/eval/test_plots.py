@@ -46,3 +46,11 @@ def test_plot_draws_reference_methods_dashed(tmp_path):
     curves = {"teacher": {1: 0.9, 2: 1.0}, "student": {1: (0.4, 0.1), 2: (0.6, 0.1)}}
     path = plot_pass_at_k(curves, tmp_path / "p.png", dashed=("teacher",))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_curves_plot_with_power_of_two_ticks(tmp_path):
+    curve = {k: (1 - 0.5**k, 0.01) for k in range(1, 65)}
+    path = plot_pass_at_k(
+        {"a": curve, "b": {k: v * 0.9 for k, (v, _) in curve.items()}}, tmp_path / "full.png"
+    )
+    assert path.stat().st_size > 1000

@@ -192,3 +192,22 @@ def test_registry() -> None:
         make_task("graph", max_paths=0)
     with pytest.raises(OpdistillError, match="train_path"):
         make_task("jsonl")
+
+
+def test_block_path_redirects_its_last_edge_to_a_dead_end():
+    task = GraphTask(num_nodes=8, path_length=2, min_paths=2, max_paths=3)
+    blocked = 0
+    for example in task.examples("eval", 30):
+        common = example.meta["solutions"][0]
+        shifted = task.block_path(example, common)
+        if shifted is None:
+            continue
+        blocked += 1
+        u, v = common.split()[-2:]
+        assert f"{u}>{v}" not in shifted.prompt
+        assert len(shifted.meta["edges"]) == len(example.meta["edges"])
+        assert task.is_correct(example, common) and not task.is_correct(shifted, common)
+        assert set(shifted.meta["solutions"]) < set(example.meta["solutions"])
+        assert all(task.is_correct(shifted, s) for s in shifted.meta["solutions"])
+        assert task.is_correct(shifted, shifted.completion)
+    assert blocked >= 25

@@ -63,6 +63,12 @@ def test_load_jsonl(tmp_path: Path) -> None:
         ('{"prompt": "a", "answer": true}', "'answer' must be a string or a number"),
         ('{"prompt": "a", "answer": {"v": 1}}', "'answer' must be a string or a number"),
         ('{"prompt": "a", "answer": NaN}', "invalid JSON"),
+        ('{"prompt": null}', "missing 'prompt'"),
+        ('{"prompt": "a", "prompt": "b"}', "invalid JSON (duplicate key 'prompt')"),
+        ('{"prompt": "a\\ud800"}', "'prompt' holds a lone surrogate U+D800"),
+        ('{"prompt": "a", "completion": "\\udfff"}', "'completion' holds a lone surrogate"),
+        ('{"prompt": "a", "answer": 1e999}', "'answer' must be a finite number"),
+        ("[" * 100_000, "invalid JSON"),
     ],
 )
 def test_malformed_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
@@ -116,19 +122,37 @@ def test_arbitrary_lines_load_or_raise_opdistill_error(tmp_path: Path, lines: li
         assert exs and all(isinstance(e, Example) and e.prompt.strip() for e in exs)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURE_OK)
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(data=st.binary(max_size=200), prefix=st.sampled_from([b"", b'{"prompt": "ok"}\n']))
+def test_arbitrary_bytes_load_or_raise_opdistill_error(
+    tmp_path: Path, data: bytes, prefix: bytes
+) -> None:
+    p = tmp_path / "fuzz.jsonl"
+    p.write_bytes(prefix + data)
+    try:
+        exs = load_jsonl(p)
+    except OpdistillError as e:
+        assert str(e).startswith(str(p)) and "\n" not in str(e)
+    else:
+        assert all(e.prompt.strip() and e.prompt.encode("utf-8") for e in exs)
+
+
+any_text = st.text(st.characters(), max_size=5)  # lone surrogates included
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(
     values=st.lists(
         st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            st.none() | st.booleans() | st.integers() | st.floats() | any_text,
             lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
             max_leaves=6,
         )
         | st.fixed_dictionaries(
-            {"prompt": st.text(max_size=5) | st.integers()},
+            {"prompt": any_text | st.integers()},
             optional={
-                "completion": st.none() | st.text(max_size=5) | st.integers(),
-                "answer": st.none() | st.text(max_size=5) | st.floats() | st.booleans(),
+                "completion": st.none() | any_text | st.integers(),
+                "answer": st.none() | any_text | st.floats() | st.booleans(),
             },
         ),
         min_size=1,
@@ -139,9 +163,32 @@ def test_arbitrary_json_values_load_or_raise(tmp_path: Path, values: list) -> No
     p = tmp_path / "fuzz2.jsonl"
     p.write_text("\n".join(json.dumps(v) for v in values))
     try:
-        load_jsonl(p)
+        exs = load_jsonl(p)
     except OpdistillError as e:
-        assert str(e).startswith(f"{p}")
+        assert str(e).startswith(f"{p}") and "\n" not in str(e)
+    else:
+        assert all(e.prompt.encode("utf-8") for e in exs)  # encodable: no lone surrogates
+
+
+@pytest.mark.parametrize(
+    ("task", "options", "message"),
+    [
+        ("jsonl", {"train_path": None}, "train_path: must be a non-empty string, got None"),
+        ("jsonl", {"train_path": 3}, "train_path: must be a non-empty string, got 3"),
+        (
+            "jsonl",
+            {"train_path": "t", "eval_path": [1]},
+            "eval_path: must be a non-empty string, got [1]",
+        ),
+        ("hf", {"path": ["d"]}, "path: must be a non-empty string, got ['d']"),
+        ("hf", {"path": "d", "prompt_field": 1}, "prompt_field: must be a non-empty string, got 1"),
+        ("hf", {"path": "d", "eval_split": 2}, "eval_split: must be a non-empty string, got 2"),
+    ],
+)
+def test_task_options_of_the_wrong_type(task: str, options: dict, message: str) -> None:
+    with pytest.raises(OpdistillError) as info:
+        make_task(task, **options)
+    assert str(info.value) == message
 
 
 def test_jsonl_task_holdout(tmp_path: Path) -> None:

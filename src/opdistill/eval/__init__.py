@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from opdistill.eval.evaluate import curve_ks, evaluate
+from opdistill.eval.diversity import (
+    load_embedding_model,
+    mean_self_bleu,
+    mean_semantic_diversity,
+    pairwise_cosine_distance,
+    self_bleu,
+    semantic_diversity_per_prompt,
+)
+from opdistill.eval.evaluate import EvalMetrics, curve_ks, evaluate
 from opdistill.eval.metrics import (
     avg_at_k,
     distinct_correct,
@@ -15,16 +23,23 @@ from opdistill.eval.plots import plot_pass_at_k
 from opdistill.eval.report import markdown_table, summarise, summarise_curves
 
 __all__ = [
+    "EvalMetrics",
     "avg_at_k",
     "curve_ks",
     "distinct_correct",
     "distinct_n",
     "evaluate",
+    "load_embedding_model",
     "markdown_table",
     "mean_distinct_correct",
+    "mean_self_bleu",
+    "mean_semantic_diversity",
+    "pairwise_cosine_distance",
     "pass_at_k",
     "pass_at_k_curve",
     "plot_pass_at_k",
+    "self_bleu",
+    "semantic_diversity_per_prompt",
     "summarise",
     "summarise_curves",
 ]

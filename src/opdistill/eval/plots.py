@@ -56,7 +56,11 @@ def plot_pass_at_k(
         points = [_mean_std(curve[k]) for k in ks]
         means = [m for m, _ in points]
         style = "--" if method in dashed else "-"
-        (line,) = ax.plot(ks, means, style, marker="o", markersize=3, label=method)
+        dense = len(ks) > 12  # a full 1..n curve: markers at powers of two only
+        marked = [i for i, k in enumerate(ks) if not dense or k & (k - 1) == 0 or k == ks[-1]]
+        (line,) = ax.plot(
+            ks, means, style, marker="o", markersize=3, markevery=marked, label=method
+        )
         stds = [s for _, s in points if s is not None]
         if len(stds) == len(points):
             lo = [max(0.0, m - s) for m, s in zip(means, stds, strict=True)]
@@ -64,6 +68,8 @@ def plot_pass_at_k(
             ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log", base=2)
     ticks = sorted(all_ks)
+    if len(ticks) > 12:  # label powers of two (and the largest k), not every k
+        ticks = sorted({k for k in ticks if k & (k - 1) == 0} | {ticks[0], ticks[-1]})
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{round(x):d}"))
     ax.xaxis.set_minor_locator(NullLocator())

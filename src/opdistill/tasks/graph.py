@@ -168,6 +168,39 @@ class GraphTask(Task):
             cands = [e for e in cands if e not in edges]
         return rng.choice(cands) if cands else None
 
+    def block_path(self, example: Example, path: str) -> Example | None:
+        """The same graph with the last edge of `path` redirected to a dead end.
+
+        `path` (and any other solution through that edge) stops being correct, no new solution
+        appears, and the number of edges stays the same (small models notice a missing edge
+        more than a moved one). Used to build out-of-distribution prompts whose usual answer is
+        unavailable. Returns None when no redirection keeps at least one solution.
+        """
+        nodes = path.split()
+        blocked = (nodes[-2], nodes[-1])
+        order = [tuple(e) for e in example.meta["edges"]]
+        start, goal = example.meta["start"], example.meta["goal"]
+        expected = [s for s in example.meta["solutions"] if f"{blocked[0]} {blocked[1]}" not in s]
+        if blocked not in order or not expected:
+            return None
+        candidates = [n for n in LETTERS[: self.num_nodes] if n not in (start, goal, blocked[0])]
+        random.Random(example.prompt).shuffle(candidates)
+        for target in candidates:
+            if (blocked[0], target) in order:
+                continue
+            edges = [(blocked[0], target) if e == blocked else e for e in order]
+            paths = simple_paths(edges, start, goal, MAX_SOLUTIONS) or []
+            solutions = sorted(" ".join(p) for p in paths)
+            if solutions == expected:
+                edge_list = " ".join(f"{u}>{v}" for u, v in edges)
+                return Example(
+                    prompt=f"path from {start} to {goal} . edges: {edge_list} .",
+                    completion=solutions[0],
+                    reference=solutions[0],
+                    meta={**example.meta, "edges": edges, "solutions": solutions},
+                )
+        return None
+
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` distinct graphs of `split`; eval prompts are a fixed hash-partition of prompts."""
         return generate_split(self.name, self._make, split, n, seed)

@@ -50,11 +50,14 @@ def row_to_example(
         )
     if not prompt.strip():
         raise OpdistillError(f"{where}: '{prompt_field}' is empty")
+    _check_unicode(prompt, prompt_field, where)
     texts: dict[str, str | None] = {}
     for key, col in (("completion", completion_field), ("reference", reference_field)):
         value = row.get(col)
         if value is not None and not isinstance(value, str):
             raise OpdistillError(f"{where}: '{col}' must be a string, got {type(value).__name__}")
+        if value is not None:
+            _check_unicode(value, col, where)
         texts[key] = value
     meta: dict[str, Any] = {"source": where}
     answer = row.get(answer_field)
@@ -68,14 +71,44 @@ def row_to_example(
             if not math.isfinite(answer):
                 raise OpdistillError(f"{where}: '{answer_field}' must be a finite number")
             answer = str(int(answer)) if answer.is_integer() else repr(answer)
+        if isinstance(answer, str):
+            _check_unicode(answer, answer_field, where)
         meta["answer"] = str(answer)
     return Example(
         prompt=prompt, completion=texts["completion"], reference=texts["reference"], meta=meta
     )
 
 
+def _check_unicode(text: str, field: str, where: str) -> None:
+    """Reject lone surrogates (JSON "\\ud800" escapes), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise OpdistillError(
+            f"{where}: '{field}' holds a lone surrogate U+{ord(bad):04X}, not valid Unicode"
+        ) from None
+
+
+def _check_option(name: str, value: object, optional: bool = False) -> None:
+    """A task option that must be a string (or a path, or None when `optional`)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise OpdistillError(f"{name}: must be a non-empty string, got {value!r}")
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise ValueError(f"duplicate key {key!r}")
+        row[key] = value
+    return row
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
@@ -99,7 +132,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line, parse_constant=_reject_constant)
+            row = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise OpdistillError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         except (ValueError, RecursionError) as e:
@@ -286,6 +319,8 @@ class JsonlTask(UserDataTask):
     def __init__(
         self, train_path: str | os.PathLike[str], eval_path: str | os.PathLike[str] | None = None
     ) -> None:
+        _check_option("train_path", train_path)
+        _check_option("eval_path", eval_path, optional=True)
         evals = None if eval_path is None else load_jsonl(eval_path)
         super().__init__(load_jsonl(train_path), evals, source=str(train_path))
         self.train_path, self.eval_path = train_path, eval_path
@@ -315,6 +350,9 @@ class HFDatasetTask(UserDataTask):
             "reference_field": reference_field,
             "answer_field": answer_field,
         }
+        for name, value in {"path": path, "split": split, **fields}.items():
+            _check_option(name, value)
+        _check_option("eval_split", eval_split, optional=True)
         train = load_hf_dataset(path, split, **fields)
         evals = None if eval_split is None else load_hf_dataset(path, eval_split, **fields)
         super().__init__(train, evals, source=str(path))

@@ -1,0 +1,89 @@
+"""LoRA students through peft: add adapters, save and restore them, merge, or switch them off.
+
+With `self_distill.weights: base` the self-distillation teacher is the student's base model with
+its adapters disabled, so no copy of the network is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from opdistill.batch import Batch
+from opdistill.config import LoraConfig
+from opdistill.errors import OpdistillError
+from opdistill.rollout import RolloutBackend
+from opdistill.tasks.base import Example
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.safetensors"
+
+
+def add_lora(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
+    """`model` with trainable LoRA adapters; the base weights are frozen."""
+    try:
+        return get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=config.r,
+                lora_alpha=config.alpha,
+                lora_dropout=config.dropout,
+                target_modules=config.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    except ValueError as error:  # e.g. target modules that the model does not have
+        raise OpdistillError(f"model.lora: {' '.join(str(error).split())[:200]}") from None
+
+
+def is_lora(model: Any) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def weights_file(model: Any) -> str:
+    """The file `save_pretrained` writes the trainable weights to."""
+    return ADAPTER_WEIGHTS if is_lora(model) else FULL_WEIGHTS
+
+
+def load_adapter_weights(model: PeftModel, weights: dict[str, Tensor], where: Path) -> None:
+    """Restore adapter weights saved by `save_pretrained`."""
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise OpdistillError(f"checkpoint {where} does not match the student's LoRA adapters")
+
+
+def adapters_disabled(model: Any):
+    """A context in which a LoRA model computes with its base weights (no-op otherwise)."""
+    return model.disable_adapter() if is_lora(model) else nullcontext()
+
+
+def save_merged(model: PeftModel, path: Path) -> None:
+    """The student with its adapters merged into the base weights, as a plain causal LM."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(path)
+
+
+class BaseModelRollout:
+    """Samples from a LoRA student's base model (adapters disabled)."""
+
+    def __init__(self, rollout: RolloutBackend, model: PeftModel):
+        self.rollout = rollout
+        self.model = model
+
+    def generate(
+        self,
+        examples: Sequence[Example],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ) -> Batch:
+        with self.model.disable_adapter():
+            return self.rollout.generate(examples, max_new_tokens, temperature, greedy)

@@ -1,0 +1,66 @@
+import torch
+
+from opdistill.batch import batch_logits, chat_prompt, dataset_batch
+from opdistill.context import ReferenceContext
+from opdistill.models import tiny_llama
+from opdistill.tasks.base import Example
+from opdistill.teacher import PrivilegedContextTeacher, ema_update, frozen_copy
+
+TEMPLATE = "{prompt} edges: {context} ."
+
+
+def brute_force_logits(model, prompt_ids, response_ids, vocab):
+    """One unpadded sequence at a time: logits predicting each response token."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1, :vocab]
+    return logits
+
+
+def test_privileged_teacher_scores_the_response_after_the_templated_prompt(tokenizer, graph_task):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=4)
+    examples = graph_task.examples("train", 3)
+    examples.append(Example(examples[0].prompt, completion="A B"))  # no reference: completion
+    batch = dataset_batch(tokenizer, examples)
+    vocab = len(tokenizer)
+    teacher = PrivilegedContextTeacher(model, tokenizer, vocab, ReferenceContext(), TEMPLATE)
+    got = teacher.logits(batch)
+    for row, example in enumerate(examples):
+        context = example.reference or example.completion
+        prompt = chat_prompt(tokenizer, TEMPLATE.format(prompt=example.prompt, context=context))
+        length = int(batch.response_mask[row].sum())
+        response = batch.response_ids[row, :length].tolist()
+        with torch.no_grad():
+            expected = brute_force_logits(model, prompt, response, vocab)
+        torch.testing.assert_close(got[row, :length], expected, atol=1e-5, rtol=1e-4)
+    assert teacher.context_fraction() == 1.0
+
+
+def test_examples_without_context_use_the_plain_prompt(tokenizer, graph_task):
+    class Nothing:
+        def contexts(self, examples):
+            return [None] * len(examples)
+
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=4)
+    model.train()
+    batch = dataset_batch(tokenizer, graph_task.examples("train", 4))
+    teacher = PrivilegedContextTeacher(model, tokenizer, len(tokenizer), Nothing(), TEMPLATE)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            teacher.logits(batch), batch_logits(model, batch, len(tokenizer))
+        )
+    assert model.training  # the live student's mode is restored
+    assert teacher.context_fraction() == 0.0
+
+
+def test_frozen_copy_and_ema_update(tokenizer):
+    student = tiny_llama(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=1)
+    copy = frozen_copy(student)
+    assert not any(p.requires_grad for p in copy.parameters())
+    before = {n: p.clone() for n, p in copy.named_parameters()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update(copy, student, decay=0.75)
+    for name, value in copy.named_parameters():
+        student_value = dict(student.named_parameters())[name]
+        torch.testing.assert_close(value, 0.75 * before[name] + 0.25 * student_value)
