@@ -148,3 +148,34 @@ eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 3}}
     assert main(["train", str(path), "--overwrite"]) == 2
     assert f"{data}:2: 'prompt' is empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()  # the old run is kept
+
+
+@pytest.mark.parametrize(
+    ("weights", "context", "lora"),
+    [
+        ("frozen", "reference", 0),
+        ("ema", "demonstration", 0),
+        ("live", "reference", 0),
+        ("base", "demonstration", 4),
+    ],
+)
+def test_self_distillation_from_yaml(tmp_path, saved_pair, capsys, weights, context, lora):
+    path = tmp_path / "self.yaml"
+    path.write_text(f"""
+model: {{student: {saved_pair / "student"}, lora: {{r: {lora}}}}}
+data: {{task: graph, task_args: {{num_nodes: 8, max_paths: 3}}, train_size: 50, eval_size: 4}}
+loss: {{kind: reverse_kl}}
+self_distill: {{enabled: true, weights: {weights}, context: {context}, demo_attempts: 2,
+               template: "{{prompt}} path : {{context}}"}}
+train: {{steps: 2, batch_size: 2, max_new_tokens: 4, output_dir: {tmp_path / "out"},
+         progress: false, save_every: 1, log_every: 1}}
+eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 4}}
+""")
+    assert main(["train", str(path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all("context_fraction" in r for r in train)
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002"
+    copies = {p.name for p in checkpoint.glob("*_copy.safetensors")}
+    assert copies == ({"teacher_copy.safetensors"} if weights in ("frozen", "ema") else set())
+    assert main(["train", str(path), "--resume", "--set", "train.steps=3"]) == 0

@@ -6,8 +6,9 @@ On the graph task (several correct paths per prompt):
    self-distillation template;
 2. copies of the base student train for the same number of steps with self-distillation from
    its own frozen copy reading a reference solution, a sampled correct demonstration, or a
-   demonstration drawn uniformly over the distinct correct ones found (the diversity-preserving
-   option); with RL from the verifier (GRPO); and with on-policy GKD from the demo's teacher;
+   demonstration drawn uniformly over the distinct correct ones found — sampled from the current
+   student, or from the initial one (the diversity-preserving options); with RL from the verifier
+   (GRPO); and with on-policy GKD from the demo's teacher;
 3. every model is evaluated with 64 samples per prompt in distribution and out of it: the OOD
    prompts are the eval graphs with the path the base student gives most often blocked (its last
    edge redirected to a dead end), so a model that has collapsed onto its usual answer fails
@@ -83,6 +84,11 @@ def methods(settings: SelfDistillSettings) -> dict[str, dict[str, Any]]:
         "self-distill, reference": _self_distill(context="reference"),
         "self-distill, sampled demo": _self_distill(**demo, demo_selection="probability"),
         "self-distill, uniform distinct demo": _self_distill(**demo, demo_selection="uniform"),
+        "self-distill, uniform demo from initial": _self_distill(
+            **{**demo, "demo_attempts": 2 * settings.demo_attempts},
+            demo_selection="uniform",
+            demo_model="initial",
+        ),
         "RL (GRPO, verifier)": {
             "loss": {"kind": "nll"},
             "train": {"student_data_fraction": 1.0},

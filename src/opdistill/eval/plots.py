@@ -37,7 +37,7 @@ def plot_pass_at_k(
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    crowded = len(curves) > 8  # legend beside the axes, and a palette of 20 colours
+    crowded = len(curves) > 6  # legend beside the axes, and a palette of 20 colours
     fig = Figure(figsize=(9.5 if crowded else 6.0, 4.5 if crowded else 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
