@@ -11,6 +11,7 @@ from opdistill.models import (
     load_model,
     load_tokenizer,
     tiny_llama,
+    truncated_copy,
 )
 from opdistill.tokenizer import build_word_tokenizer
 
@@ -125,3 +126,20 @@ def test_model_without_a_causal_lm_head_is_refused(tmp_path):
     with pytest.raises(OpdistillError, match=r"\(DistilBertConfig\) has no causal-LM head") as info:
         load_model(str(tmp_path / "encoder"))
     assert "\n" not in str(info.value)
+
+
+def test_truncated_copy_keeps_the_first_layers(tokenizer):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=3, num_heads=2).eval()
+    student = truncated_copy(model, 2).eval()
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    assert model.config.num_hidden_layers == 3
+    original = model.state_dict()
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, original[name])
+        assert tensor.data_ptr() != original[name].data_ptr()
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.config.num_hidden_layers = 2  # the original, run through its first two layers only
+    torch.testing.assert_close(student(ids).logits, model(ids).logits)
+    with pytest.raises(OpdistillError, match="num_layers must be between 1 and 2, got 3"):
+        truncated_copy(student, 3)

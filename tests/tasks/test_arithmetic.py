@@ -110,3 +110,40 @@ def test_parse_final_answer() -> None:
 def test_invalid_knobs(kwargs: dict, knob: str) -> None:
     with pytest.raises(OpdistillError, match=knob):
         ArithmeticTask(**kwargs)
+
+
+def test_natural_style_and_instruction() -> None:
+    compact = ArithmeticTask(num_steps=2, max_value=20)
+    task = ArithmeticTask(num_steps=2, max_value=20, style="natural", instruction="Show it.")
+    for ex in task.examples("eval", 50, seed=1):
+        assert ex.prompt.endswith("have? Show it.") and " ." not in ex.prompt
+        steps = re.findall(r"(\d+) ([-+]) (\d+) = (\d+)\.", ex.completion)
+        assert len(steps) == 2
+        assert ex.completion.endswith(f"The answer is {ex.meta['answer']}.")
+        assert task.is_correct(ex, ex.completion) and not compact.is_correct(ex, ex.completion)
+    # the instruction changes neither the problems nor the train/eval partition
+    plain = ArithmeticTask(num_steps=2, max_value=20, style="natural").examples("eval", 20, seed=1)
+    assert [e.prompt + " Show it." for e in plain] == [
+        e.prompt for e in task.examples("eval", 20, seed=1)
+    ]
+
+
+def test_natural_verifier() -> None:
+    task = ArithmeticTask(style="natural")
+    ex = task.examples("train", 1, seed=5)[0]
+    ans = ex.meta["answer"]
+    assert task.is_correct(ex, f"{ans} apples. The answer is {ans}.")
+    assert task.is_correct(ex, f"the answer is: {ans}")
+    assert task.is_correct(ex, f"The answer is {ans + 1}. No wait, the answer is {ans}.")
+    assert not task.is_correct(ex, f"The answer is {ans}. The answer is {ans + 1}.")
+    assert not task.is_correct(ex, f"The answer is {ans}.5")
+    assert not task.is_correct(ex, f"#### {ans}")
+    assert not task.is_correct(ex, str(ans))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "knob"), [({"style": "fancy"}, "style"), ({"instruction": 3}, "instruction")]
+)
+def test_invalid_style_options(kwargs: dict, knob: str) -> None:
+    with pytest.raises(OpdistillError, match=knob):
+        ArithmeticTask(**kwargs)

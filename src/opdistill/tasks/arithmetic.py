@@ -1,17 +1,24 @@
 """Multi-step arithmetic word problems (GSM8K-like) with a worked solution and a final answer.
 
-Text format (numbers in decimal digits; the answer follows "####")::
+Text format of `style: compact` (numbers in decimal digits; the answer follows "####")::
 
     prompt:     "Tom has 3 apples . He buys 4 more . He gives away 2 .
                  How many apples does Tom have ?"   (one line)
     completion: "3 + 4 = 7 . 7 - 2 = 5 . #### 5"
+
+`style: natural` writes ordinary punctuation and the phrase pretrained chat models already use::
+
+    prompt:     "Tom has 3 apples. He buys 4 more. He gives away 2. How many apples does Tom have?"
+    completion: "3 + 4 = 7. 7 - 2 = 5. The answer is 5."
+
+`instruction` is appended to every prompt, e.g. to ask a pretrained model for that format.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from opdistill.errors import OpdistillError
@@ -48,6 +55,8 @@ SUB_VERBS = ("gives away {k}", "loses {k}", "sells {k}")
 MUL_VERBS = {2: "doubles them", 3: "triples them"}
 
 _INT = re.compile(r"[+-]?\d+")
+_NATURAL_ANSWER = re.compile(r"the answer is:?\s*(-?\d+)(?![\d.]*\d)", re.IGNORECASE)
+STYLES = ("compact", "natural")
 
 
 def parse_final_answer(response: str) -> int | None:
@@ -58,6 +67,12 @@ def parse_final_answer(response: str) -> int | None:
     return int(text) if _INT.fullmatch(text) else None
 
 
+def parse_natural_answer(response: str) -> int | None:
+    """The integer right after the last "The answer is" (any case, optional colon)."""
+    found = _NATURAL_ANSWER.findall(response)
+    return int(found[-1]) if found else None
+
+
 @dataclass
 class ArithmeticTask(Task):
     """Word problems: a starting amount, then `num_steps` additions/subtractions (/doublings).
@@ -65,6 +80,10 @@ class ArithmeticTask(Task):
     num_steps: number of operations after the starting amount.
     max_value: every intermediate value stays within [0, max_value].
     allow_multiply: also use "doubles"/"triples" when the product stays within range.
+    style: "compact" (space-separated tokens, answer after "####") or "natural" (ordinary
+        punctuation, answer after "The answer is"); the verifier follows the style.
+    instruction: text appended to every prompt after a space ("" for none). The problems and the
+        train/eval partition do not depend on it.
     """
 
     name: ClassVar[str] = "arithmetic"
@@ -72,6 +91,8 @@ class ArithmeticTask(Task):
     num_steps: int = 2
     max_value: int = 20
     allow_multiply: bool = False
+    style: str = "compact"
+    instruction: str = ""
 
     def __post_init__(self) -> None:
         check_int("num_steps", self.num_steps, 1)
@@ -79,6 +100,10 @@ class ArithmeticTask(Task):
         if not isinstance(self.allow_multiply, bool):
             got = self.allow_multiply
             raise OpdistillError(f"allow_multiply: must be true or false, got {got!r}")
+        if self.style not in STYLES:
+            raise OpdistillError(f"style: must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if not isinstance(self.instruction, str):
+            raise OpdistillError(f"instruction: must be a string, got {self.instruction!r}")
 
     def _make(self, rng: random.Random) -> Example:
         name, pronoun = rng.choice(NAMES)
@@ -108,9 +133,13 @@ class ArithmeticTask(Task):
             steps.append(f"{value} {op} {k} = {new} .")
             value = new
         sentences.append(f"How many {plural} does {name} have ?")
+        prompt = " ".join(sentences)
         solution = " ".join([*steps, f"#### {value}"])
+        if self.style == "natural":
+            prompt = prompt.replace(" .", ".").replace(" ?", "?")
+            solution = " ".join([*steps, f"The answer is {value} ."]).replace(" .", ".")
         return Example(
-            prompt=" ".join(sentences),
+            prompt=prompt,
             completion=solution,
             reference=solution,
             meta={"answer": value},
@@ -118,11 +147,15 @@ class ArithmeticTask(Task):
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` distinct problems of `split`; eval prompts are a fixed hash-partition of all."""
-        return generate_split(self.name, self._make, split, n, seed)
+        examples = generate_split(self.name, self._make, split, n, seed)
+        if self.instruction:
+            examples = [replace(e, prompt=f"{e.prompt} {self.instruction}") for e in examples]
+        return examples
 
     def is_correct(self, example: Example, response: str) -> bool:
-        """The integer after the last "####" equals the answer."""
-        return parse_final_answer(response) == example.meta["answer"]
+        """Whether the final answer (after the last "####"; "The answer is" if natural) is right."""
+        parse = parse_natural_answer if self.style == "natural" else parse_final_answer
+        return parse(response) == example.meta["answer"]
 
     def solution_key(self, example: Example, response: str) -> str:
         """The whitespace-normalised worked solution."""

