@@ -88,6 +88,30 @@ def test_overrides_apply_after_the_file(tmp_path):
             r"teacher_mix must be in \[0, 1\)",
         ),
         ("model: {student: s, teacher: t}\nloss: {kind: vopd, top_k: -1}", r"loss\.top_k"),
+        (BASE + "loss: {teacher_top_k: -1}", r"loss\.teacher_top_k must be >= 0"),
+        (BASE + "loss: {chunk_size: -1}", r"loss\.chunk_size must be >= 0"),
+        (
+            BASE + "loss: {kind: taid, teacher_top_k: 8}",
+            r"loss\.teacher_top_k=8 works with loss\.kind in forward_kl.*sampled_token; "
+            r"loss\.kind='taid' needs the teacher's full logits",
+        ),
+        (
+            BASE + "loss: {kind: vopd, teacher_top_k: 8}\ntrain: {student_data_fraction: 1}",
+            r"loss\.kind='vopd' needs the teacher's full logits",
+        ),
+        (
+            BASE + "loss: {kind: jsd, teacher_top_k: 8, tip: {mode: weighted}}",
+            r"loss\.teacher_top_k=8 cannot be combined with loss\.tip\.mode='weighted'",
+        ),
+        (
+            BASE + "loss: {teacher_top_k: 8}\nreward: {distill_weight: 0.5}\n"
+            "train: {student_data_fraction: 1}",
+            r"loss\.teacher_top_k=8 cannot be combined with a reward \(reward\.distill_weight=0\.5",
+        ),
+        (
+            "model: {student: s}\nloss: {teacher_top_k: 8}\nself_distill: {enabled: true}",
+            r"loss\.teacher_top_k=8 cannot be combined with self_distill\.enabled",
+        ),
         (
             "model: {student: s, teacher: t}\ndata: {eval_size: 0}\n"
             "train: {adaptive_source: {enabled: true}}",
@@ -207,6 +231,13 @@ def test_overrides_into_free_form_options(tmp_path):
 def test_defaults_are_valid():
     config = config_from_dict(MINIMAL)
     assert isinstance(config, Config) and config.loss.reduction == "token"
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "skew_reverse_kl", "sampled_token"])
+def test_top_k_teacher_configs_load(kind):
+    loss = {"kind": kind, "teacher_top_k": 20, "chunk_size": 64}
+    config = config_from_dict({**MINIMAL, "loss": loss, "train": {"student_data_fraction": 1}})
+    assert config.loss.teacher_top_k == 20 and config.loss.chunk_size == 64
 
 
 def field_names(cls: type) -> set[str]:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from opdistill.batch import Batch
 from opdistill.config import (
     AdaptiveSourceConfig,
     Config,
@@ -21,9 +22,12 @@ from opdistill.config import (
     config_to_dict,
 )
 from opdistill.errors import OpdistillError
+from opdistill.losses import DIVERGENCE_KINDS, token_divergence
 from opdistill.models import tiny_llama
+from opdistill.objectives import distillation_loss
 from opdistill.replay import ReplayBuffer
 from opdistill.rollout import HFGenerateRollout
+from opdistill.teacher import TopKLogprobs, topk_from_logits
 from opdistill.trainer import Trainer
 
 CASES = {
@@ -200,3 +204,54 @@ def test_replay_buffer_round_trip_and_capacity(tokenizer, graph_task):
     assert [e.prompt for e in clone.sample(4).examples] == [
         e.prompt for e in buffer.sample(4).examples
     ]
+
+
+def _scored_batch(vocab: int = 11, seed: int = 0):
+    """Random student/teacher logits [2, 4, V] and a batch whose responses they score."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 4, vocab, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(2, 4, vocab, generator=g, dtype=torch.float64) * 2
+    ids = torch.randint(0, vocab, (2, 4), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    batch = Batch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), ids, mask)
+    return student, teacher, batch
+
+
+def _sparse_config(kind: str, **loss) -> Config:
+    return Config(
+        model=ModelConfig(student="s", teacher="t"),
+        loss=LossConfig(kind=kind, temperature=1.5, **loss),
+    )
+
+
+@pytest.mark.parametrize("kind", [*DIVERGENCE_KINDS, "sampled_token"])
+def test_top_k_teacher_scores_dispatch(kind):
+    student, teacher, batch = _scored_batch()
+    config = _sparse_config(kind, teacher_top_k=11, gamma=0.5)
+    full = distillation_loss(config, student, teacher, batch, 1.0)
+    scores = topk_from_logits(teacher, batch.response_ids, 11, temperature=1.5)
+    assert isinstance(scores, TopKLogprobs)
+    sparse = distillation_loss(config, student, scores, batch, 1.0)
+    torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-6)  # TopKLogprobs are fp32
+    small = topk_from_logits(teacher, batch.response_ids, 3, temperature=1.5)
+    values = distillation_loss(config, student, small, batch, 1.0)
+    assert values.shape == (2, 4) and torch.isfinite(values).all()
+    if kind == "sampled_token":  # needs only the response tokens' log-probs
+        torch.testing.assert_close(values, full, rtol=1e-5, atol=1e-6)
+
+
+def test_full_teacher_divergences_use_chunked_loss():
+    student, teacher, batch = _scored_batch()
+    config = _sparse_config("jsd", beta=0.3, chunk_size=3)
+    torch.testing.assert_close(
+        distillation_loss(config, student, teacher, batch, 1.0),
+        token_divergence(student, teacher, "jsd", beta=0.3, temperature=1.5),
+    )
+
+
+@pytest.mark.parametrize("kind", ["vopd", "minillm", "taid"])
+def test_top_k_teacher_scores_refuse_objectives_that_need_full_logits(kind):
+    student, teacher, batch = _scored_batch()
+    scores = topk_from_logits(teacher, batch.response_ids, 4)
+    with pytest.raises(OpdistillError, match=rf"loss\.kind='{kind}' needs the teacher's full"):
+        distillation_loss(_sparse_config(kind), student, scores, batch, 1.0)

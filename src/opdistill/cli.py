@@ -1,4 +1,4 @@
-"""Command line: `opdistill train`, `opdistill eval`, `opdistill demo`."""
+"""Command line: `opdistill train`, `eval`, `demo`, `cache-teacher` and `serve-teacher`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from opdistill.config import load_config
+    from opdistill.config import is_served_teacher, load_config
     from opdistill.eval.evaluate import evaluate_with_config
     from opdistill.models import (
         check_model_paths,
@@ -59,20 +59,27 @@ def _eval(args: argparse.Namespace) -> None:
     if args.output and Path(args.output).is_dir():
         raise OpdistillError(f"--output {args.output!r} is a directory; give a file name")
     use_teacher = bool(mc.teacher) and not args.no_teacher
+    served = use_teacher and is_served_teacher(mc.teacher)
     check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
     examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
-    if use_teacher:
+    teacher = None
+    if served:
+        from opdistill.remote_teacher import remote_teacher_for
+
+        teacher = remote_teacher_for(
+            mc.teacher, tokenizer, mc.teacher_token_env, mc.teacher_timeout
+        )
+    elif use_teacher:
         check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
     model = load_model(mc.student, mc.dtype)
-    teacher = None
-    if use_teacher:
+    if use_teacher and not served:
         teacher = ModelTeacher(load_model(mc.teacher, mc.dtype), len(tokenizer))
-    teacher_model = teacher.model if teacher is not None else None
-    fit = fit_split(
-        dc, tokenizer, context_window(model, teacher_model), examples, "eval", ec.max_new_tokens
-    )
+    window = context_window(model, teacher.model if isinstance(teacher, ModelTeacher) else None)
+    if served and teacher.context_window:
+        window = min(window or teacher.context_window, teacher.context_window)
+    fit = fit_split(dc, tokenizer, window, examples, "eval", ec.max_new_tokens)
     if fit.too_long:
         print(f"opdistill: {fit.summary('eval')}", file=sys.stderr)
     examples = fit.examples
@@ -82,6 +89,76 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
     print(text)
+
+
+def _cache_teacher(args: argparse.Namespace) -> None:
+    from opdistill.config import load_config
+    from opdistill.models import check_model_paths
+    from opdistill.teacher_cache import write_teacher_cache
+
+    config = load_config(args.config, args.set)
+    output = args.output or config.model.teacher_cache
+    if not output:
+        raise OpdistillError("cache-teacher needs --output DIR (or model.teacher_cache)")
+    teacher = args.teacher or config.model.teacher
+    if not teacher:
+        raise OpdistillError("cache-teacher needs a teacher: set model.teacher or pass --teacher")
+    check_model_paths(config.model.student, teacher, config.model.tokenizer)
+    temperature = config.loss.temperature if args.temperature is None else args.temperature
+    report = write_teacher_cache(
+        config,
+        output,
+        args.top_k,
+        batch_size=args.batch_size,
+        temperature=temperature,
+        examples_per_shard=args.examples_per_shard,
+        teacher=teacher,
+    )
+    print(f"opdistill: {report.summary()}")
+
+
+def _serve_teacher(args: argparse.Namespace) -> None:
+    from opdistill.models import load_model, load_tokenizer
+    from opdistill.tokenizer import tokenizer_fingerprint
+
+    try:
+        from opdistill.serve import is_loopback, serve_teacher
+    except ImportError as error:
+        raise OpdistillError(
+            f"serve-teacher needs {error.name or 'starlette and uvicorn'}: "
+            "pip install 'opdistill[serve]'"
+        ) from None
+    if not 0 <= args.port <= 65535:
+        raise OpdistillError(f"--port {args.port}: must be in [0, 65535]")
+    if not 0 < args.max_request_mb < float("inf") or args.max_batch_tokens < 1:
+        raise OpdistillError("--max-request-mb must be > 0 and --max-batch-tokens >= 1")
+    token = os.environ.get(args.token_env) or None
+    if token is None and not is_loopback(args.host):
+        print(
+            f"opdistill: warning: serving on {args.host} without a token: anyone who can reach "
+            f"port {args.port} can use the teacher (set ${args.token_env})",
+            file=sys.stderr,
+        )
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, args.dtype)
+    if args.device:
+        import torch
+
+        try:
+            model.to(torch.device(args.device))
+        except (RuntimeError, ValueError, AssertionError) as error:
+            raise OpdistillError(f"--device {args.device!r}: {error}") from None
+    serve_teacher(
+        model,
+        len(tokenizer),
+        host=args.host,
+        port=args.port,
+        token=token,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        max_batch_tokens=args.max_batch_tokens,
+        model_name=args.model,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -175,6 +252,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="a smoke-test sized run (minutes → seconds); numbers not meaningful",
     )
     demo.set_defaults(func=_demo)
+
+    serve = commands.add_parser(
+        "serve-teacher",
+        help="serve a teacher over HTTP for model.teacher: http://HOST:PORT",
+    )
+    serve.add_argument("model", help="teacher model: a path, hub id or gguf: spec")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument(
+        "--token-env",
+        default="OPDISTILL_TEACHER_TOKEN",
+        help="environment variable holding the bearer token clients must send (unset: none)",
+    )
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    serve.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu)")
+    serve.add_argument(
+        "--max-request-mb", type=float, default=16.0, help="largest request body accepted"
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=16384,
+        help="largest request, in rows × (longest prompt + longest response) tokens",
+    )
+    serve.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+    serve.set_defaults(func=_serve_teacher)
+
+    cache = commands.add_parser(
+        "cache-teacher",
+        help="score the training completions with the teacher once and store its top-k "
+        "log-probs (model.teacher_cache)",
+    )
+    cache.add_argument("config", help="YAML config file (its model and data sections are used)")
+    cache.add_argument(
+        "--output", help="cache directory (default: the config's model.teacher_cache)"
+    )
+    cache.add_argument("--teacher", help="teacher model (default: the config's model.teacher)")
+    cache.add_argument("--top-k", type=int, default=20, help="log-probs kept per token")
+    cache.add_argument("--batch-size", type=int, default=16, help="examples per teacher pass")
+    cache.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="temperature of the stored log-probs (default: the config's loss.temperature)",
+    )
+    cache.add_argument("--examples-per-shard", type=int, default=256, help="examples per file")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cache.set_defaults(func=_cache_teacher)
     return parser
 
 

@@ -47,10 +47,20 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Which networks to load. Paths or hub ids; the tokenizer defaults to the student's."""
+    """Which networks to load. Paths or hub ids; the tokenizer defaults to the student's.
+
+    teacher: a path, hub id or `gguf:` spec loaded in this process, or the http(s):// address of
+        an `opdistill serve-teacher` server (its bearer token is read from the environment
+        variable named by `teacher_token_env`; requests retry for up to `teacher_timeout` s).
+    teacher_cache: a directory written by `opdistill cache-teacher`: top-k teacher log-probs of
+        the training set, used instead of a teacher model (supervised KD without the teacher).
+    """
 
     student: str = ""
     teacher: str | None = None
+    teacher_cache: str | None = None
+    teacher_token_env: str = "OPDISTILL_TEACHER_TOKEN"
+    teacher_timeout: float = 120.0
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -121,6 +131,11 @@ class LossConfig:
     reduction: Literal["token", "sequence"] = "token"
     gamma: float = 0.0  # discount of future per-token rewards (sampled_token, vopd)
     top_k: int = 0  # vopd: baseline over the student's top-k ids (0 = full vocabulary)
+    # >0: the teacher answers with its top-k log-probs per position and the divergence is taken
+    # over those k tokens plus one tail bucket (0 = the full distribution).
+    teacher_top_k: int = 0
+    # Positions per chunk of the full-vocabulary divergences (0 = chosen from the vocabulary size).
+    chunk_size: int = 0
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     taid: TAIDConfig = field(default_factory=TAIDConfig)
     tip: TIPConfig = field(default_factory=TIPConfig)
@@ -499,14 +514,26 @@ def validate(config: Config) -> None:
         raise OpdistillError(f"loss.alpha={loss.alpha}: skew divergences need alpha in [0, 1)")
     if not config.model.student:
         raise OpdistillError("model.student is required (a local path or hub id)")
-    if needs_teacher(config) and not config.model.teacher:
+    if needs_teacher(config) and not (config.model.teacher or config.model.teacher_cache):
         raise OpdistillError(
             f"model.teacher is required for loss.kind={loss.kind!r} "
             f"with off_policy_source={t.off_policy_source!r}"
         )
+    if is_served_teacher(config.model.teacher) and (
+        samples_from_teacher(config) or samples_teacher_mixture(config)
+    ):
+        raise OpdistillError(
+            "model.teacher is a served teacher, which only scores: sampling from the teacher "
+            "(train.off_policy_source=teacher, loss.minillm.teacher_mix > 0) needs the teacher "
+            "loaded in this process (a path, hub id or gguf: spec)"
+        )
+    if config.model.teacher_timeout <= 0:
+        raise OpdistillError("model.teacher_timeout must be > 0 (seconds)")
     objective_checks = [
         (0.0 <= loss.gamma <= 1.0, "loss.gamma must be in [0, 1]"),
         (loss.top_k >= 0, "loss.top_k must be >= 0 (0 = full vocabulary)"),
+        (loss.teacher_top_k >= 0, "loss.teacher_top_k must be >= 0 (0 = full teacher logits)"),
+        (loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = chosen from the vocabulary)"),
         (0.0 <= loss.minillm.teacher_mix < 1.0, "loss.minillm.teacher_mix must be in [0, 1)"),
         (loss.minillm.clip >= 0, "loss.minillm.clip must be >= 0 (0 disables clipping)"),
         (0.0 <= loss.taid.t_start <= 1.0, "loss.taid.t_start must be in [0, 1]"),
@@ -540,6 +567,8 @@ def validate(config: Config) -> None:
             f"{what} learns from the student's own samples: set train.student_data_fraction=1"
         )
     _validate_self_distill(config)
+    _validate_teacher_top_k(config)
+    _validate_teacher_cache(config)
     adaptive = t.adaptive_source
     if adaptive.enabled and config.reward.distill_weight < 1.0:
         raise OpdistillError(
@@ -563,6 +592,70 @@ def validate(config: Config) -> None:
         *DIVERGENCE_KINDS,
         *SEQUENCE_OBJECTIVES,
     }
+
+
+def _validate_teacher_top_k(config: Config) -> None:
+    """Top-k teacher log-probs serve the divergences and sampled_token, without TIP or reward."""
+    loss = config.loss
+    k = loss.teacher_top_k
+    if k == 0:
+        return
+    if loss.kind not in (*DIVERGENCE_KINDS, "sampled_token"):
+        raise OpdistillError(
+            f"loss.teacher_top_k={k} works with loss.kind in {', '.join(DIVERGENCE_KINDS)} or "
+            f"sampled_token; loss.kind={loss.kind!r} needs the teacher's full logits"
+        )
+    if loss.tip.mode != "off":
+        raise OpdistillError(
+            f"loss.teacher_top_k={k} cannot be combined with loss.tip.mode={loss.tip.mode!r}: "
+            "TIP needs the teacher's full logits (set loss.tip.mode=off)"
+        )
+    if config.reward.distill_weight != 1.0:
+        raise OpdistillError(
+            f"loss.teacher_top_k={k} cannot be combined with a reward "
+            f"(reward.distill_weight={config.reward.distill_weight}); set it to 1"
+        )
+    if config.self_distill.enabled:
+        raise OpdistillError(
+            f"loss.teacher_top_k={k} cannot be combined with self_distill.enabled: the "
+            "privileged-context teacher answers with full logits (set loss.teacher_top_k=0)"
+        )
+
+
+def _validate_teacher_cache(config: Config) -> None:
+    """A teacher cache holds the top-k of the dataset's completions: supervised KD only."""
+    t = config.train
+    if not config.model.teacher_cache:
+        return
+    checks = [
+        (
+            not config.model.teacher,
+            "model.teacher_cache replaces the teacher model: remove model.teacher (or "
+            "model.teacher_cache)",
+        ),
+        (
+            not config.self_distill.enabled,
+            "self_distill.enabled: the teacher is the student itself; remove model.teacher_cache",
+        ),
+        (
+            config.loss.teacher_top_k > 0,
+            "model.teacher_cache holds the teacher's top-k log-probs only: set "
+            "loss.teacher_top_k (at most the cache's k)",
+        ),
+        (
+            t.student_data_fraction == 0 and t.off_policy_source == "dataset",
+            "model.teacher_cache covers the dataset's completions only: set "
+            "train.student_data_fraction=0 and train.off_policy_source=dataset (supervised KD)",
+        ),
+        (
+            not t.adaptive_source.enabled,
+            "model.teacher_cache covers the dataset's completions only: train.adaptive_source "
+            "scores student samples and eval completions; turn it off",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
 
 
 def _validate_self_distill(config: Config) -> None:
@@ -602,6 +695,11 @@ def _validate_self_distill(config: Config) -> None:
             f"self_distill.template: not a valid format string ({error!r}); only {{prompt}} "
             "and {context} may appear in braces (write {{ and }} for literal braces)"
         ) from None
+
+
+def is_served_teacher(spec: str | None) -> bool:
+    """Whether `model.teacher` names a served teacher (an http:// or https:// address)."""
+    return bool(spec) and spec.lower().startswith(("http://", "https://"))
 
 
 def samples_from_teacher(config: Config) -> bool:

@@ -9,15 +9,18 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from opdistill import gguf
+from opdistill.config import is_served_teacher
 from opdistill.errors import OpdistillError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +75,7 @@ def check_model_paths(student: str, teacher: str | None, tokenizer: str | None) 
         ("model.teacher", teacher, MODEL_FILES),
         ("model.tokenizer", tokenizer, TOKENIZER_FILES),
     ):
-        if spec:
+        if spec and not (key == "model.teacher" and is_served_teacher(spec)):
             _resolve(spec, key, needs, convert=False)
 
 
@@ -102,6 +105,15 @@ def load_model(spec: str, dtype: str = "float32") -> PreTrainedModel:
     except Exception as error:  # transformers, safetensors and torch raise many types
         raise _load_error("causal LM", spec, source, error) from error
     return model
+
+
+def load_model_config(spec: str) -> PretrainedConfig:
+    """The config of the model `spec` names (no weights are loaded)."""
+    source = _resolve(spec, "model", MODEL_FILES)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as error:
+        raise _load_error("model config", spec, source, error) from error
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

@@ -14,8 +14,10 @@ from torch import Tensor
 
 from opdistill.batch import Batch
 from opdistill.config import Config
+from opdistill.errors import OpdistillError
 from opdistill.losses import (
     DIVERGENCE_KINDS,
+    chunked_token_divergence,
     minillm_loss,
     mixture_weights,
     policy_gradient_loss,
@@ -25,12 +27,13 @@ from opdistill.losses import (
     sampled_token_loss,
     taid_loss,
     tip_weights,
-    token_divergence,
     token_logprobs,
     token_nll,
+    topk_divergence,
     vopd_loss,
     weighted_token_mean,
 )
+from opdistill.teacher import TopKLogprobs
 
 
 @dataclass
@@ -42,16 +45,33 @@ class StepInputs:
 
 
 def distillation_loss(
-    config: Config, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch, t: float
+    config: Config,
+    student_logits: Tensor,
+    teacher_logits: Tensor | TopKLogprobs | None,
+    batch: Batch,
+    t: float,
 ) -> Tensor:
-    """The configured distillation objective per response token, [B, T]."""
+    """The configured distillation objective per response token, [B, T].
+
+    The teacher's scores are its full logits [B, T, V], or its top-k log-probs (`TopKLogprobs`,
+    `loss.teacher_top_k` > 0), which serve the divergences (over the top-k tokens plus a tail
+    bucket) and `sampled_token` (the response tokens' log-probs).
+    """
     lc = config.loss
     kind, tau, ids, mask = lc.kind, lc.temperature, batch.response_ids, batch.response_mask
     if kind == "nll":
         return token_nll(student_logits, ids, temperature=tau)
+    if isinstance(teacher_logits, TopKLogprobs):
+        return _sparse_teacher_loss(config, student_logits, teacher_logits, batch)
     if kind in DIVERGENCE_KINDS:
-        return token_divergence(
-            student_logits, teacher_logits, kind, beta=lc.beta, alpha=lc.alpha, temperature=tau
+        return chunked_token_divergence(
+            student_logits,
+            teacher_logits,
+            kind,
+            beta=lc.beta,
+            alpha=lc.alpha,
+            temperature=tau,
+            chunk_size=lc.chunk_size,
         )
     if kind == "taid":
         return taid_loss(student_logits, teacher_logits, t, temperature=tau)
@@ -91,10 +111,38 @@ def distillation_loss(
     raise AssertionError(f"unhandled loss kind {kind}")  # config validation lists every kind
 
 
+def _sparse_teacher_loss(
+    config: Config, student_logits: Tensor, scores: TopKLogprobs, batch: Batch
+) -> Tensor:
+    """Per-token loss against a teacher that gave its top-k log-probs (already at temperature)."""
+    lc = config.loss
+    if lc.kind in DIVERGENCE_KINDS:
+        return topk_divergence(
+            student_logits,
+            scores.indices,
+            scores.logprobs,
+            lc.kind,
+            beta=lc.beta,
+            alpha=lc.alpha,
+            temperature=lc.temperature,
+        )
+    if lc.kind == "sampled_token":
+        student_lp = token_logprobs(student_logits, batch.response_ids, temperature=lc.temperature)
+        sampler_lp = batch.sampler_logprobs
+        sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
+        return sampled_token_loss(
+            student_lp, scores.token_logprobs, sampler_lp, batch.response_mask, gamma=lc.gamma
+        )
+    raise OpdistillError(
+        f"loss.kind={lc.kind!r} needs the teacher's full logits; top-k teacher log-probs "
+        f"(loss.teacher_top_k > 0) serve {', '.join(DIVERGENCE_KINDS)} and sampled_token"
+    )
+
+
 def per_token_loss(
     config: Config,
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: Tensor | TopKLogprobs | None,
     batch: Batch,
     inputs: StepInputs,
 ) -> Tensor:
@@ -118,7 +166,7 @@ def uses_token_weights(config: Config) -> bool:
 def token_weights(
     config: Config,
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: Tensor | TopKLogprobs | None,
     mask: Tensor,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -126,6 +174,11 @@ def token_weights(
     tip, pw = config.loss.tip, config.loss.position_weights
     weights = mask.float()
     if tip.mode != "off":
+        if isinstance(teacher_logits, TopKLogprobs):
+            raise OpdistillError(
+                "loss.tip needs the teacher's full logits: set loss.teacher_top_k=0 or "
+                "loss.tip.mode=off"
+            )
         with torch.no_grad():
             weights = weights * tip_weights(
                 student_logits.detach(),

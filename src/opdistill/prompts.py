@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import chat_prompt
 from opdistill.config import DataConfig
@@ -20,14 +20,16 @@ from opdistill.tasks.base import Example
 _WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def context_window(*models: PreTrainedModel | None) -> int | None:
-    """The smallest context window (in tokens) among `models`; None when none declares one."""
+def context_window(*models: PreTrainedModel | PretrainedConfig | None) -> int | None:
+    """The smallest context window (in tokens) among `models` (or their configs); None when none
+    declares one."""
     windows = []
     for model in models:
         if model is None:
             continue
+        config = model if isinstance(model, PretrainedConfig) else model.config
         for key in _WINDOW_KEYS:
-            value = getattr(model.config, key, None)
+            value = getattr(config, key, None)
             if isinstance(value, int) and value > 0:
                 windows.append(value)
                 break

@@ -1,7 +1,10 @@
 """Teachers: whatever scores a student's responses token by token.
 
 Every teacher implements `logits(batch) -> Tensor[B, R, V]`, the teacher's logits at the positions
-that predict each response token, computed without gradient.
+that predict each response token, computed without gradient. Teachers that can also give a sparse
+answer implement `topk(batch, k, temperature) -> TopKLogprobs`: the k most probable tokens per
+position with their log-probabilities (normalised over the whole vocabulary), and the log-prob of
+each response token; the losses add the tail bucket log(1 − Σ top-k) themselves.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,10 +25,51 @@ from opdistill.lora import adapters_disabled
 from opdistill.tasks.base import Example
 
 
+@dataclass
+class TopKLogprobs:
+    """A teacher's sparse answer for a batch of responses.
+
+    indices: [B, R, k] token ids, most probable first.
+    logprobs: [B, R, k] float32 log-probabilities of those tokens under softmax(logits / τ) over
+        the whole vocabulary (so Σ exp < 1 unless k covers the support).
+    token_logprobs: [B, R] float32 log-probability of each response token under the same
+        distribution (the sampled-token objectives need only this).
+    """
+
+    indices: Tensor
+    logprobs: Tensor
+    token_logprobs: Tensor
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    def to(self, device: torch.device | str) -> TopKLogprobs:
+        return TopKLogprobs(
+            self.indices.to(device), self.logprobs.to(device), self.token_logprobs.to(device)
+        )
+
+
+def topk_from_logits(
+    logits: Tensor, response_ids: Tensor, k: int, temperature: float = 1.0
+) -> TopKLogprobs:
+    """`TopKLogprobs` of full logits [B, R, V] at temperature τ (k is capped at V)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    ids = response_ids.clamp(0, logprobs.shape[-1] - 1).unsqueeze(-1)
+    return TopKLogprobs(top.indices, top.values, logprobs.gather(-1, ids)[..., 0])
+
+
 class Teacher(Protocol):
-    """Scores a batch of responses."""
+    """Scores a batch of responses: full logits, or (`SparseTeacher`) the top-k log-probs."""
 
     def logits(self, batch: Batch) -> Tensor: ...
+
+
+class SparseTeacher(Teacher, Protocol):
+    """A teacher that can answer with its top-k log-probs (served, cached, or any model)."""
+
+    def topk(self, batch: Batch, k: int, temperature: float = 1.0) -> TopKLogprobs: ...
 
 
 class ModelTeacher:
@@ -38,6 +83,10 @@ class ModelTeacher:
     def logits(self, batch: Batch) -> Tensor:
         device = next(self.model.parameters()).device
         return batch_logits(self.model, batch.to(device), self.vocab_size).float()
+
+    @torch.no_grad()
+    def topk(self, batch: Batch, k: int, temperature: float = 1.0) -> TopKLogprobs:
+        return topk_from_logits(self.logits(batch), batch.response_ids, k, temperature)
 
 
 class PrivilegedContextTeacher:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, USER, ASSISTANT]
+SPECIAL_NAMES = ("bos", "eos", "pad", "unk")  # the special token ids a fingerprint records
 
 # One user turn and, when generating, the assistant tag; assistant turns end with EOS.
 CHAT_TEMPLATE = (
@@ -38,3 +41,13 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the vocabulary (token → id, added tokens included) and the special token ids."""
+    data = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "special": {name: getattr(tokenizer, f"{name}_token_id", None) for name in SPECIAL_NAMES},
+        "all_special_ids": sorted(tokenizer.all_special_ids),
+    }
+    return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode()).hexdigest()

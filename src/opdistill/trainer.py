@@ -44,6 +44,7 @@ from opdistill.batch import Batch, batch_logits, dataset_batch
 from opdistill.config import (
     Config,
     config_to_dict,
+    is_served_teacher,
     needs_teacher,
     samples_from_teacher,
     samples_teacher_mixture,
@@ -91,9 +92,12 @@ from opdistill.teacher import (
     ModelTeacher,
     PrivilegedContextTeacher,
     Teacher,
+    TopKLogprobs,
     ema_update,
     frozen_copy,
 )
+from opdistill.teacher_cache import CachedTeacher
+from opdistill.tokenizer import tokenizer_fingerprint
 
 CHECKPOINT_DONE = "COMPLETE"
 
@@ -347,8 +351,8 @@ class Trainer:
             batch = batch.to(self.accelerator.device)
             last = index == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                # 3. Score with the teacher (no gradient).
-                teacher_logits = self.teacher.logits(batch) if self.scores_with_teacher else None
+                # 3. Score with the teacher (no gradient): full logits, or top-k log-probs.
+                teacher_logits = self._teacher_scores(batch) if self.scores_with_teacher else None
                 # 4. Loss.
                 student_logits = batch_logits(self.student, batch, self.vocab_size)
                 advantages = None
@@ -432,6 +436,13 @@ class Trainer:
             reward=mean_reward,
             context_fraction=context_fraction,
         )
+
+    def _teacher_scores(self, batch: Batch) -> torch.Tensor | TopKLogprobs:
+        """The teacher's logits [B, R, V], or its top-k log-probs when `loss.teacher_top_k` > 0."""
+        lc = self.config.loss
+        if lc.teacher_top_k > 0:
+            return self.teacher.topk(batch, lc.teacher_top_k, lc.temperature)
+        return self.teacher.logits(batch)
 
     def _nonfinite_tensor(self, loss: float) -> str:
         """Name what went non-finite: the loss, or the first parameter with a bad gradient."""
@@ -549,8 +560,11 @@ class Trainer:
             self.task,
             self.eval_examples,
             self.config.eval,
-            # a self-distillation teacher is the student with context: no distance is reported
-            teacher=None if self.config.self_distill.enabled else self.teacher,
+            # a self-distillation teacher is the student with context, and a cached teacher
+            # knows only the dataset's completions: no distance is reported for either
+            teacher=None
+            if self.config.self_distill.enabled or isinstance(self.teacher, CachedTeacher)
+            else self.teacher,
             seed=self.config.data.seed,
         )
 
@@ -823,15 +837,27 @@ def build_trainer(config: Config) -> Trainer:
     mc, dc = config.model, config.data
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
+    cached = None  # an offline teacher: no teacher model is loaded
+    if mc.teacher_cache:
+        cached = CachedTeacher(mc.teacher_cache, len(tokenizer), tokenizer_fingerprint(tokenizer))
+    served = None  # a teacher behind `opdistill serve-teacher` (it only scores)
+    if is_served_teacher(mc.teacher):
+        from opdistill.remote_teacher import remote_teacher_for
+
+        served = remote_teacher_for(mc.teacher, tokenizer, mc.teacher_token_env, mc.teacher_timeout)
     student = load_model(mc.student, mc.dtype)
     if mc.lora.r > 0:
         student = add_lora(student, mc.lora)
     teacher_model = None
-    if mc.teacher:
+    if mc.teacher and served is None:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
         check_tokenizers_match(teacher_tokenizer, tokenizer)
         teacher_model = load_model(mc.teacher, mc.dtype)
     window = context_window(student, teacher_model)
+    if served is not None and served.context_window:
+        window = min(window or served.context_window, served.context_window)
+    if cached is not None:  # the prompts must be fitted as they were for the cache
+        window = cached.fit_window(window)
     fits = {
         "train": fit_split(
             dc,
@@ -866,5 +892,6 @@ def build_trainer(config: Config) -> Trainer:
         fits["train"].examples,
         fits["eval"].examples,
         teacher_model=teacher_model,
+        teacher=cached if cached is not None else served,
         data_report=data_report,
     )

@@ -1,6 +1,11 @@
 """Distillation losses: pure functions of logits / log-probs and masks, one value per token."""
 
-from opdistill.losses.divergence import DIVERGENCE_KINDS, token_divergence
+from opdistill.losses.chunked import chunked_token_divergence
+from opdistill.losses.divergence import (
+    DIVERGENCE_KINDS,
+    divergence_from_logprobs,
+    token_divergence,
+)
 from opdistill.losses.minillm import minillm_loss, mixture_weights
 from opdistill.losses.nll import token_nll
 from opdistill.losses.policy_gradient import (
@@ -23,13 +28,17 @@ from opdistill.losses.sampled import (
 )
 from opdistill.losses.selection import position_weights, tip_weights, weighted_token_mean
 from opdistill.losses.taid import TaidSchedule, taid_loss
+from opdistill.losses.topk import log1mexp, topk_divergence
 
 __all__ = [
     "DIVERGENCE_KINDS",
     "REDUCTIONS",
     "TaidSchedule",
+    "chunked_token_divergence",
     "discounted_returns",
+    "divergence_from_logprobs",
     "group_advantages",
+    "log1mexp",
     "masked_token_sum",
     "minillm_loss",
     "mixture_weights",
@@ -45,6 +54,7 @@ __all__ = [
     "token_logprobs",
     "token_mean",
     "token_nll",
+    "topk_divergence",
     "vopd_loss",
     "weighted_token_mean",
 ]

@@ -64,12 +64,43 @@ def token_divergence(
     meaningful. Probabilities that underflow to 0 in the compute dtype count as 0.
     """
     _validate(student_logits, teacher_logits, kind, beta, alpha, temperature)
-    dtype = torch.promote_types(
-        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
-    )
+    dtype = compute_dtype(student_logits, teacher_logits)
     log_q = _log_softmax(student_logits, dtype, temperature)
     log_p = _log_softmax(teacher_logits, dtype, temperature)
+    return _divergence(log_p, log_q, kind, beta, alpha)
 
+
+def divergence_from_logprobs(
+    log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5, alpha: float = 0.1
+) -> Tensor:
+    """Divergence between two distributions given as log-probabilities over the last dimension.
+
+    ``log_p`` (teacher P) and ``log_q`` (student Q) are ``[..., V]`` normalised log-probs (−inf
+    for probability 0); the formulas, and the handling of zero-probability entries, are those of
+    `token_divergence`, which is ``divergence_from_logprobs(log_softmax(t/τ), log_softmax(s/τ))``.
+    Returns ``[...]``.
+    """
+    _validate_kind(kind)
+    _validate_params(kind, beta, alpha)
+    if log_p.shape != log_q.shape or log_p.dim() == 0:
+        raise OpdistillError(
+            f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} must have the same "
+            "shape [..., V]"
+        )
+    if not (log_p.is_floating_point() and log_q.is_floating_point()):
+        raise OpdistillError("log_p and log_q must be floating-point tensors")
+    return _divergence(log_p, log_q, kind, beta, alpha)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the divergences are computed in: the inputs' promoted dtype, at least fp32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
     if kind == "forward_kl":
         return _kl(log_p, log_q)
     if kind == "reverse_kl":
@@ -93,10 +124,7 @@ def _validate(
     alpha: float,
     temperature: float,
 ) -> None:
-    if kind not in DIVERGENCE_KINDS:
-        raise OpdistillError(
-            f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}"
-        )
+    _validate_kind(kind)
     if student_logits.shape != teacher_logits.shape or student_logits.dim() == 0:
         raise OpdistillError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -104,8 +132,24 @@ def _validate(
         )
     if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
         raise OpdistillError("student and teacher logits must be floating-point tensors")
+    validate_temperature(temperature)
+    _validate_params(kind, beta, alpha)
+
+
+def validate_temperature(temperature: float) -> None:
+    """Reject a loss temperature that is not a finite number > 0."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise OpdistillError(f"loss temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _validate_kind(kind: str) -> None:
+    if kind not in DIVERGENCE_KINDS:
+        raise OpdistillError(
+            f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}"
+        )
+
+
+def _validate_params(kind: str, beta: float, alpha: float) -> None:
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise OpdistillError(
             f"jsd needs beta strictly inside (0, 1), got {beta!r}: at beta = 0 or 1 the value is "

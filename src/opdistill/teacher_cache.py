@@ -1,0 +1,507 @@
+"""An offline teacher: the top-k log-probs of the training completions, scored once and stored.
+
+`write_teacher_cache` scores every training example's reference completion with the teacher and
+writes Parquet shards of `examples_per_shard` examples plus a `manifest.json`; `CachedTeacher`
+reads them back and answers `topk` for dataset batches, so supervised KD (λ = 0) trains without
+the teacher in memory.
+
+Each row of a shard is one example: `key` (a hash of its prompt and response token ids),
+`num_tokens`, and per response token the teacher's `k` most probable ids (`indices`, int32, most
+probable first), their log-probabilities (`logprobs`, float32, at the cache's temperature,
+normalised over the whole vocabulary) and the log-probability of the response token itself
+(`token_logprobs`). Shards are written under a temporary name and renamed when complete, and
+the manifest is replaced atomically after each one, so an interrupted run resumes where it
+stopped and never leaves a partial shard visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from opdistill.batch import Batch, chat_prompt, completion_ids, dataset_batch
+from opdistill.config import Config, is_served_teacher
+from opdistill.errors import OpdistillError
+from opdistill.files import write_atomic
+from opdistill.models import (
+    check_tokenizers_match,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+)
+from opdistill.prompts import context_window, fit_split
+from opdistill.tasks import make_task
+from opdistill.tasks.base import Example
+from opdistill.teacher import ModelTeacher, TopKLogprobs
+from opdistill.tokenizer import tokenizer_fingerprint
+
+FORMAT = "opdistill-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMPRESSION = "zstd"
+# Settings that fix a cache's content: resuming with any other value is refused.
+SETTINGS = (
+    "format",
+    "version",
+    "k",
+    "temperature",
+    "vocab_size",
+    "teacher",
+    "dtype",
+    "tokenizer_fingerprint",
+    "num_examples",
+    "examples_fingerprint",
+    "examples_per_shard",
+    "context_window",
+)
+
+
+def example_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    """A hash of one example's prompt and response token ids (the cache's row key)."""
+    digest = hashlib.sha256()
+    for ids in (prompt_ids, response_ids):
+        array = np.asarray(ids, dtype=np.int64)
+        digest.update(np.int64(len(array)).tobytes())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def batch_keys(batch: Batch) -> list[str]:
+    """`example_key` of every row of a batch (padding removed)."""
+    prompt_ids, prompt_mask = batch.prompt_ids.cpu(), batch.prompt_mask.cpu().bool()
+    response_ids, response_mask = batch.response_ids.cpu(), batch.response_mask.cpu().bool()
+    return [
+        example_key(prompt_ids[row][prompt_mask[row]], response_ids[row][response_mask[row]])
+        for row in range(len(prompt_ids))
+    ]
+
+
+@dataclass
+class CacheReport:
+    """What `write_teacher_cache` found and wrote."""
+
+    path: Path
+    num_examples: int
+    num_tokens: int
+    total_bytes: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.total_bytes / max(1, self.num_tokens)
+
+    def summary(self) -> str:
+        return (
+            f"teacher cache {self.path}: {self.num_examples} examples, {self.num_tokens} tokens, "
+            f"{self.total_bytes / 1e6:.2f} MB ({self.bytes_per_token:.1f} bytes per token); "
+            f"{self.shards_written} shards written, {self.shards_skipped} already there, "
+            f"{self.seconds:.1f} s"
+        )
+
+
+def cache_examples(
+    config: Config, tokenizer: PreTrainedTokenizerBase, window: int | None
+) -> tuple[list[Example], list[str]]:
+    """The training examples as `build_trainer` fits them, and their keys."""
+    dc = config.data
+    task = make_task(dc.task, **dc.task_args)
+    examples = task.examples("train", dc.train_size, seed=dc.seed)
+    fit = fit_split(dc, tokenizer, window, examples, "train", config.train.max_new_tokens)
+    if fit.too_long:
+        print(f"opdistill: {fit.summary('train')}", file=sys.stderr)
+    if not fit.examples:
+        raise OpdistillError("the training set is empty")
+    missing = [e for e in fit.examples if e.completion is None]
+    if missing:
+        raise OpdistillError(
+            "a teacher cache scores the dataset's completions; missing a 'completion' for "
+            f"prompt {missing[0].prompt[:40]!r}"
+        )
+    keys = [
+        example_key(chat_prompt(tokenizer, e.prompt), completion_ids(tokenizer, e.completion))
+        for e in fit.examples
+    ]
+    return fit.examples, keys
+
+
+def write_teacher_cache(
+    config: Config,
+    output_dir: str | Path,
+    k: int,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    progress: bool = True,
+    examples_per_shard: int = 256,
+    teacher: str | None = None,
+    device: str | torch.device | None = None,
+) -> CacheReport:
+    """Score the training examples of `config` with its teacher and store the top-k log-probs.
+
+    The tokenizer, the teacher (`teacher`, default `config.model.teacher`) and the prompt fitting
+    are those of `build_trainer`, so the keys match the batches training builds. An existing cache
+    in `output_dir` with the same settings is completed (its finished shards are kept); one with
+    other settings is refused.
+    """
+    started = time.perf_counter()
+    mc = config.model
+    spec = teacher or mc.teacher
+    if not spec:
+        raise OpdistillError("a teacher cache needs a teacher: set model.teacher or pass --teacher")
+    if is_served_teacher(spec):
+        raise OpdistillError(
+            f"cache-teacher loads the teacher in this process; {spec!r} is a served teacher: give "
+            "a path, hub id or gguf: spec"
+        )
+    checks = [
+        (k >= 1, f"--top-k must be >= 1, got {k}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (temperature > 0 and math.isfinite(temperature), "--temperature must be > 0"),
+        (examples_per_shard >= 1, "--examples-per-shard must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise OpdistillError(f"teacher cache {str(output)!r} is a file, not a directory")
+
+    tokenizer = load_tokenizer(mc.tokenizer or mc.student)
+    teacher_tokenizer = load_tokenizer(spec) if mc.tokenizer is None else tokenizer
+    check_tokenizers_match(teacher_tokenizer, tokenizer)
+    window = context_window(load_model_config(mc.student), load_model_config(spec))
+    examples, keys = cache_examples(config, tokenizer, window)
+    vocab_size = len(tokenizer)
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "k": min(k, vocab_size),
+        "temperature": float(temperature),
+        "vocab_size": vocab_size,
+        "teacher": spec,
+        "dtype": mc.dtype,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "num_examples": len(examples),
+        "examples_fingerprint": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
+        "examples_per_shard": examples_per_shard,
+        "context_window": window,
+        "logprobs_dtype": "float32",
+    }
+    shards = _resume(output, settings)
+    num_shards = math.ceil(len(examples) / examples_per_shard)
+    names = [f"shard-{index:05d}.parquet" for index in range(num_shards)]
+    todo = [index for index, name in enumerate(names) if name not in shards]
+    skipped = num_shards - len(todo)
+    _write_manifest(output, settings, shards, num_shards)
+
+    if todo:
+        model = load_model(spec, mc.dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        scorer = ModelTeacher(model.to(device), vocab_size)
+        done = sum(info["examples"] for info in shards.values())
+        bar = tqdm(
+            total=len(examples),
+            initial=done,
+            desc="cache-teacher",
+            unit="ex",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
+        for index in todo:
+            start = index * examples_per_shard
+            chunk = examples[start : start + examples_per_shard]
+            chunk_keys = keys[start : start + len(chunk)]
+            table = _score_shard(scorer, tokenizer, chunk, chunk_keys, settings, batch_size, bar)
+            shards[names[index]] = _write_shard(output, names[index], table)
+            _write_manifest(output, settings, shards, num_shards)
+        bar.close()
+
+    return CacheReport(
+        path=output,
+        num_examples=len(examples),
+        num_tokens=sum(info["tokens"] for info in shards.values()),
+        total_bytes=sum(info["bytes"] for info in shards.values()),
+        shards_written=len(todo),
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _resume(output: Path, settings: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The completed shards of an existing cache with the same settings (none for a new one)."""
+    manifest_path = output / MANIFEST
+    if not manifest_path.exists():
+        if output.exists() and any(output.iterdir()):
+            raise OpdistillError(
+                f"{output} is not empty and holds no teacher cache ({MANIFEST}); "
+                "give an empty or new directory"
+            )
+        output.mkdir(parents=True, exist_ok=True)
+        return {}
+    manifest = _read_manifest(output)
+    for key in SETTINGS:
+        if manifest.get(key) != settings[key]:
+            raise OpdistillError(
+                f"teacher cache {output} was built with {key}={_short(manifest.get(key))}, not "
+                f"{_short(settings[key])}; resume it with the same settings or write to another "
+                "directory"
+            )
+    for stale in output.glob(".*.tmp"):  # a shard or manifest whose writing was interrupted
+        stale.unlink()
+    return {
+        name: info for name, info in manifest.get("shards", {}).items() if (output / name).is_file()
+    }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "…'"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise OpdistillError(f"teacher cache {path}: cannot read {MANIFEST} ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise OpdistillError(f"{path / MANIFEST} is not a teacher cache manifest")
+    if manifest.get("version") != VERSION:
+        raise OpdistillError(
+            f"teacher cache {path} has format version {manifest.get('version')}; this opdistill "
+            f"reads version {VERSION}: rebuild it with opdistill cache-teacher"
+        )
+    return manifest
+
+
+def _write_manifest(
+    output: Path, settings: dict[str, Any], shards: dict[str, dict[str, int]], num_shards: int
+) -> None:
+    tokens = sum(info["tokens"] for info in shards.values())
+    size = sum(info["bytes"] for info in shards.values())
+    manifest = {
+        **settings,
+        "num_shards": num_shards,
+        "complete": len(shards) == num_shards,
+        "shards": dict(sorted(shards.items())),
+        "total_tokens": tokens,
+        "total_bytes": size,
+        "bytes_per_token": round(size / max(1, tokens), 2),
+    }
+    write_atomic(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _score_shard(
+    scorer: ModelTeacher,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    keys: Sequence[str],
+    settings: dict[str, Any],
+    batch_size: int,
+    bar: tqdm,
+) -> pa.Table:
+    """One shard's rows, in example order (scored in batches of similar length)."""
+    k, temperature = settings["k"], settings["temperature"]
+    lengths = [len(e.prompt) + len(e.completion or "") for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = dataset_batch(tokenizer, [examples[i] for i in chosen])
+        top = scorer.topk(batch, k, temperature)
+        indices = top.indices.to(torch.int32).cpu().numpy()
+        logprobs = top.logprobs.float().cpu().numpy()
+        token_logprobs = top.token_logprobs.float().cpu().numpy()
+        for row, (i, n) in enumerate(zip(chosen, batch.response_mask.sum(1).tolist(), strict=True)):
+            rows[i] = (indices[row, :n], logprobs[row, :n], token_logprobs[row, :n])
+        bar.update(len(chosen))
+    counts = np.array([len(row[2]) for row in rows], dtype=np.int32)
+    if int(counts.sum()) * k >= 2**31:
+        raise OpdistillError(
+            f"a shard of {len(examples)} examples holds {int(counts.sum())} × {k} values, over "
+            "Parquet's list limit; use fewer examples per shard"
+        )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+
+    def nested(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+        inner_offsets = pa.array(np.arange(0, values.size + 1, k, dtype=np.int32))
+        inner = pa.ListArray.from_arrays(inner_offsets, pa.array(values.reshape(-1), dtype))
+        return pa.ListArray.from_arrays(offsets, inner)
+
+    return pa.table(
+        {
+            "key": pa.array(list(keys), pa.string()),
+            "num_tokens": pa.array(counts, pa.int32()),
+            "indices": nested(np.concatenate([row[0] for row in rows]), pa.int32()),
+            "logprobs": nested(np.concatenate([row[1] for row in rows]), pa.float32()),
+            "token_logprobs": pa.ListArray.from_arrays(
+                offsets, pa.array(np.concatenate([row[2] for row in rows]), pa.float32())
+            ),
+        }
+    )
+
+
+def _write_shard(output: Path, name: str, table: pa.Table) -> dict[str, int]:
+    """Write `table` as `output/name`: under a temporary name, flushed, then renamed."""
+    staging = output / f".{name}.tmp"
+    with open(staging, "wb") as handle:
+        pq.write_table(table, handle, compression=COMPRESSION)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, output / name)
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {
+        "examples": table.num_rows,
+        "tokens": int(table.column("num_tokens").to_numpy().sum()),
+        "bytes": (output / name).stat().st_size,
+    }
+
+
+class CachedTeacher:
+    """A teacher read from a `write_teacher_cache` directory: top-k answers for dataset batches.
+
+    Only batches of the cached examples' reference completions can be scored (supervised KD);
+    `topk` takes the first `k` of the cached top-k at the cache's temperature.
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int, tokenizer_fingerprint: str | None = None):
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise OpdistillError(
+                f"model.teacher_cache {str(self.path)!r} holds no {MANIFEST}; write it with "
+                "opdistill cache-teacher"
+            )
+        manifest = _read_manifest(self.path)
+        if not manifest.get("complete"):
+            raise OpdistillError(
+                f"teacher cache {self.path} is incomplete ({len(manifest.get('shards', {}))} of "
+                f"{manifest.get('num_shards')} shards); run opdistill cache-teacher again to "
+                "finish it"
+            )
+        if manifest["vocab_size"] != vocab_size:
+            raise OpdistillError(
+                f"teacher cache {self.path} was built for a vocabulary of "
+                f"{manifest['vocab_size']} tokens, not {vocab_size}"
+            )
+        if tokenizer_fingerprint is not None and (
+            manifest["tokenizer_fingerprint"] != tokenizer_fingerprint
+        ):
+            raise OpdistillError(
+                f"teacher cache {self.path} was built with another tokenizer (its vocabulary or "
+                "special tokens differ from this run's)"
+            )
+        self.manifest = manifest
+        self.k: int = manifest["k"]
+        self.temperature: float = manifest["temperature"]
+        self.vocab_size = vocab_size
+        self._load(sorted(manifest["shards"]))
+
+    def _load(self, names: list[str]) -> None:
+        keys, counts, indices, logprobs, token_logprobs = [], [], [], [], []
+        for name in names:
+            try:
+                table = pq.read_table(self.path / name)
+            except (OSError, pa.ArrowException) as error:
+                raise OpdistillError(
+                    f"teacher cache {self.path}: cannot read {name} ({error})"
+                ) from None
+            count = table.column("num_tokens").to_numpy().astype(np.int64)
+            keys.extend(table.column("key").to_pylist())
+            counts.append(count)
+            indices.append(_flat(table, "indices", 2).reshape(-1, self.k))
+            logprobs.append(_flat(table, "logprobs", 2).reshape(-1, self.k))
+            token_logprobs.append(_flat(table, "token_logprobs", 1))
+            if not len(indices[-1]) == len(logprobs[-1]) == len(token_logprobs[-1]) == count.sum():
+                raise OpdistillError(f"teacher cache {self.path}: {name} is inconsistent")
+        self.num_tokens = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.num_tokens)])
+        self.indices = torch.from_numpy(np.concatenate(indices))  # int32; widened per batch
+        self.logprobs = torch.from_numpy(np.concatenate(logprobs))
+        self.token_logprobs = torch.from_numpy(np.concatenate(token_logprobs))
+        self.rows: dict[str, int] = {}
+        for row, key in enumerate(keys):
+            self.rows.setdefault(key, row)
+
+    def fit_window(self, window: int | None) -> int | None:
+        """The context window prompts are fitted to: `window` capped at the cache's own."""
+        cached = self.manifest.get("context_window")
+        return cached if window is None else window if cached is None else min(window, cached)
+
+    def logits(self, batch: Batch) -> Tensor:
+        raise OpdistillError(
+            f"the teacher cache {self.path} holds top-k log-probs only, not logits: set "
+            f"loss.teacher_top_k (at most {self.k})"
+        )
+
+    def topk(self, batch: Batch, k: int, temperature: float = 1.0) -> TopKLogprobs:
+        """The cached top-k of every row, right-padded to the batch's response width."""
+        if k > self.k:
+            raise OpdistillError(
+                f"loss.teacher_top_k={k} exceeds the k={self.k} of the teacher cache {self.path}; "
+                f"lower it or rebuild the cache with --top-k {k}"
+            )
+        if not math.isclose(temperature, self.temperature, rel_tol=1e-9):
+            raise OpdistillError(
+                f"the teacher cache {self.path} holds log-probs at temperature {self.temperature}, "
+                f"not {temperature}: set loss.temperature={self.temperature} or rebuild the "
+                f"cache with --temperature {temperature}"
+            )
+        size, width = batch.response_ids.shape
+        # Padding positions get a uniform answer (finite, never read through the mask).
+        fill = -math.log(self.vocab_size)
+        indices = torch.arange(k).expand(size, width, k).clone()
+        logprobs = torch.full((size, width, k), fill)
+        token_logprobs = torch.full((size, width), fill)
+        lengths = batch.response_mask.sum(1).tolist()
+        for row, (key, length) in enumerate(zip(batch_keys(batch), lengths, strict=True)):
+            index = self.rows.get(key)
+            if index is None:
+                what = (
+                    f"the example with prompt {batch.examples[row].prompt[:40]!r}"
+                    if row < len(batch.examples)
+                    else f"batch row {row}"
+                )
+                raise OpdistillError(
+                    f"{what} is not in the teacher cache {self.path}; was the cache built from "
+                    "this config's data?"
+                )
+            if self.num_tokens[index] != length:
+                raise OpdistillError(
+                    f"teacher cache {self.path}: row {index} holds {self.num_tokens[index]} "
+                    f"tokens, the batch has {length}"
+                )
+            start, end = self.offsets[index], self.offsets[index + 1]
+            indices[row, :length] = self.indices[start:end, :k]
+            logprobs[row, :length] = self.logprobs[start:end, :k]
+            token_logprobs[row, :length] = self.token_logprobs[start:end]
+        device = batch.response_ids.device
+        return TopKLogprobs(indices, logprobs, token_logprobs).to(device)
+
+
+def _flat(table: pa.Table, column: str, depth: int) -> np.ndarray:
+    """The values of a (nested) list column, flattened `depth` times, as numpy."""
+    values = table.column(column).combine_chunks()
+    for _ in range(depth):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False)
