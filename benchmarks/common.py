@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,13 +234,12 @@ def _graph_task() -> Any:
     return make_task("graph", **GRAPH_TASK_ARGS)
 
 
-def chunked_divergence() -> Callable[..., Tensor] | None:
-    """`opdistill.losses.chunked_token_divergence`, or None where this opdistill lacks it."""
-    try:
-        from opdistill.losses import chunked_token_divergence
-    except ImportError:
-        return None
-    return chunked_token_divergence
+def step_setup(args: Any) -> StepSetup:
+    """The `StepSetup` of the --vocab/--batch-size/--max-new-tokens/--lr/--seed/--quick flags."""
+    names = ("vocab", "batch_size", "max_new_tokens", "lr")
+    changes = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    changes["seed"] = args.seed
+    return StepSetup.quick(**changes) if args.quick else StepSetup(**changes)
 
 
 # ------------------------------------------------------------------------ processes and memory

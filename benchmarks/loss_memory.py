@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Allocate the logits, take the baseline, then time forward + backward of one loss."""
     import torch
 
-    from opdistill.losses import token_divergence, token_mean
+    from opdistill.losses import chunked_token_divergence, token_divergence, token_mean
 
     torch.manual_seed(args.seed)
     shape = (args.batch, args.seq_len, args.vocab)
@@ -87,12 +87,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             return GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
 
     elif args.worker == "opdistill_chunked":
-        chunked = common.chunked_divergence()
-        if chunked is None:
-            return {"error": "opdistill.losses.chunked_token_divergence is not available"}
 
         def loss() -> torch.Tensor:
-            values = chunked(student, teacher, "jsd", beta=beta, chunk_size=args.chunk_size)
+            values = chunked_token_divergence(
+                student, teacher, "jsd", beta=beta, chunk_size=args.chunk_size
+            )
             return token_mean(values, mask)
 
     else:

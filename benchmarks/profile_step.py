@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import StepSetup
 
 PHASES = (
     "generation",
@@ -118,17 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
-    changes = {
-        key: value
-        for key, value in (
-            ("vocab", args.vocab),
-            ("batch_size", args.batch_size),
-            ("max_new_tokens", args.max_new_tokens),
-        )
-        if value is not None
-    }
-    changes["seed"] = args.seed
-    setup = StepSetup.quick(**changes) if args.quick else StepSetup(**changes)
+    setup = common.step_setup(args)
     print(
         f"opdistill on-policy step (JSD β = {setup.beta}, λ = 1, fp32, CPU): student "
         f"{setup.student}; teacher {setup.teacher}; vocabulary {setup.vocab}; batch "

@@ -65,20 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def step_setup(args: argparse.Namespace) -> StepSetup:
-    changes = {
-        key: value
-        for key, value in (
-            ("vocab", args.vocab),
-            ("batch_size", args.batch_size),
-            ("max_new_tokens", args.max_new_tokens),
-        )
-        if value is not None
-    }
-    changes.update(lr=args.lr, seed=args.seed)
-    return StepSetup.quick(**changes) if args.quick else StepSetup(**changes)
-
-
 # ------------------------------------------------------------------------------------- workers
 def opdistill_worker(setup: StepSetup, models: Path, steps: int, warmup: int) -> dict[str, Any]:
     """Time `trainer.step()` of opdistill's Trainer."""
@@ -265,7 +251,7 @@ def loss_agreement(built: common.Built, setup: StepSetup) -> dict[str, Any]:
 
     from opdistill.batch import Batch, batch_logits, chat_prompt, left_pad, right_pad
     from opdistill.config import config_from_dict
-    from opdistill.losses import token_divergence, token_mean
+    from opdistill.losses import chunked_token_divergence, token_divergence, token_mean
     from opdistill.objectives import StepInputs, per_token_loss, reduce_weighted
 
     tokenizer, rows, width = built.tokenizer, setup.batch_size, setup.max_new_tokens
@@ -311,14 +297,12 @@ def loss_agreement(built: common.Built, setup: StepSetup) -> dict[str, Any]:
         "opdistill trainer path (per_token_loss + reduce_weighted)": opdistill_loss,
         "opdistill token_divergence + token_mean": plain_loss,
     }
-    chunked = common.chunked_divergence()
-    if chunked is not None:
 
-        def chunked_loss(logits: torch.Tensor) -> torch.Tensor:
-            values = chunked(logits, teacher_logits, "jsd", beta=setup.beta, temperature=1.0)
-            return token_mean(values, batch.response_mask)
+    def chunked_loss(logits: torch.Tensor) -> torch.Tensor:
+        values = chunked_token_divergence(logits, teacher_logits, "jsd", beta=setup.beta)
+        return token_mean(values, batch.response_mask)
 
-        losses["opdistill chunked_token_divergence + token_mean"] = chunked_loss
+    losses["opdistill chunked_token_divergence + token_mean"] = chunked_loss
 
     results: dict[str, Any] = {"rows": [], "tokens": batch.num_tokens, "vocab": len(tokenizer)}
     reference_value, reference_grad = None, None
@@ -373,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         common.write_result(args.worker_result, result)
         return 0
 
-    setup = step_setup(args)
+    setup = common.step_setup(args)
     versions = {p: version(p) for p in ("torch", "transformers", "accelerate", "trl", "opdistill")}
     print(f"opdistill vs {TRL_TRAINERS[args.trl_trainer]}, one on-policy step (CPU, fp32)")
     print("  " + ", ".join(f"{p} {v}" for p, v in versions.items()))

@@ -90,6 +90,8 @@ def test_overrides_apply_after_the_file(tmp_path):
         ("model: {student: s, teacher: t}\nloss: {kind: vopd, top_k: -1}", r"loss\.top_k"),
         (BASE + "loss: {teacher_top_k: -1}", r"loss\.teacher_top_k must be >= 0"),
         (BASE + "loss: {chunk_size: -1}", r"loss\.chunk_size must be >= 0"),
+        ("model: {student: s, teacher: t, teacher_timeout: 0}", r"model\.teacher_timeout must"),
+        ("model: {student: s, teacher: t, teacher_timeout: .nan}", r"teacher_timeout: expected"),
         (
             BASE + "loss: {kind: taid, teacher_top_k: 8}",
             r"loss\.teacher_top_k=8 works with loss\.kind in forward_kl.*sampled_token; "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 def append_line(path: str | Path, line: str) -> None:
@@ -17,12 +20,30 @@ def append_line(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text`: written beside it, flushed, then renamed over it."""
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A handle on a file beside `path` that is flushed, then renamed over `path` on success."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w") as handle:
-        handle.write(text)
+    with open(staging, mode) as handle:
+        yield handle
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text`: written beside it, flushed, then renamed over it."""
+    with atomic_file(path) as handle:
+        handle.write(text)
+
+
+def fsync_tree(root: Path, recursive: bool = True) -> None:
+    """Flush the files below `root` (and the directories themselves) to disk."""
+    paths = [*(root.rglob("*") if recursive else []), root]
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from opdistill.errors import OpdistillError
+from opdistill.files import fsync_tree
 
 PREFIX = "gguf:"
 CACHE_FORMAT = 1  # bump when the cached layout changes: old entries are then rebuilt
@@ -157,15 +158,6 @@ def check_gguf_spec(spec: str) -> Path:
     return target
 
 
-def _fsync_files(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_converted(path: Path, staging: Path) -> None:
     """Dequantize `path` with transformers and save a float32 model and tokenizer to `staging`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -208,7 +200,7 @@ def convert(path: Path, target: Path, spec: str) -> None:
             "seconds": round(time.perf_counter() - started, 2),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_files(staging)
+        fsync_tree(staging)
         try:
             staging.rename(target)
         except OSError:

@@ -61,8 +61,22 @@ def distillation_loss(
     kind, tau, ids, mask = lc.kind, lc.temperature, batch.response_ids, batch.response_mask
     if kind == "nll":
         return token_nll(student_logits, ids, temperature=tau)
-    if isinstance(teacher_logits, TopKLogprobs):
-        return _sparse_teacher_loss(config, student_logits, teacher_logits, batch)
+    sparse = isinstance(teacher_logits, TopKLogprobs)
+    if sparse and kind in DIVERGENCE_KINDS:
+        return topk_divergence(
+            student_logits,
+            teacher_logits.indices,
+            teacher_logits.logprobs,
+            kind,
+            beta=lc.beta,
+            alpha=lc.alpha,
+            temperature=tau,
+        )
+    if sparse and kind != "sampled_token":
+        raise OpdistillError(
+            f"loss.kind={kind!r} needs the teacher's full logits; top-k teacher log-probs "
+            f"(loss.teacher_top_k > 0) serve {', '.join(DIVERGENCE_KINDS)} and sampled_token"
+        )
     if kind in DIVERGENCE_KINDS:
         return chunked_token_divergence(
             student_logits,
@@ -86,7 +100,11 @@ def distillation_loss(
             temperature=tau,
         )
     student_lp = token_logprobs(student_logits, ids, temperature=tau)
-    teacher_lp = token_logprobs(teacher_logits, ids, temperature=tau)
+    teacher_lp = (  # a sparse teacher's log-probs of the response tokens are already at τ
+        teacher_logits.token_logprobs
+        if sparse
+        else token_logprobs(teacher_logits, ids, temperature=tau)
+    )
     sampler_lp = batch.sampler_logprobs
     if kind == "sampled_token":
         sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
@@ -109,34 +127,6 @@ def distillation_loss(
             temperature=tau,
         )
     raise AssertionError(f"unhandled loss kind {kind}")  # config validation lists every kind
-
-
-def _sparse_teacher_loss(
-    config: Config, student_logits: Tensor, scores: TopKLogprobs, batch: Batch
-) -> Tensor:
-    """Per-token loss against a teacher that gave its top-k log-probs (already at temperature)."""
-    lc = config.loss
-    if lc.kind in DIVERGENCE_KINDS:
-        return topk_divergence(
-            student_logits,
-            scores.indices,
-            scores.logprobs,
-            lc.kind,
-            beta=lc.beta,
-            alpha=lc.alpha,
-            temperature=lc.temperature,
-        )
-    if lc.kind == "sampled_token":
-        student_lp = token_logprobs(student_logits, batch.response_ids, temperature=lc.temperature)
-        sampler_lp = batch.sampler_logprobs
-        sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
-        return sampled_token_loss(
-            student_lp, scores.token_logprobs, sampler_lp, batch.response_mask, gamma=lc.gamma
-        )
-    raise OpdistillError(
-        f"loss.kind={lc.kind!r} needs the teacher's full logits; top-k teacher log-probs "
-        f"(loss.teacher_top_k > 0) serve {', '.join(DIVERGENCE_KINDS)} and sampled_token"
-    )
 
 
 def per_token_loss(

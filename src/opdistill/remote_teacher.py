@@ -155,11 +155,7 @@ class RemoteTeacher:
             raise OpdistillError(f"k must be >= 0, got {k}")
         k = min(k, self.vocab_size)
         rows, lengths = self._rows(batch)
-        shape = (len(lengths), batch.response_ids.shape[1])
-        uniform = -math.log(self.vocab_size)
-        indices = torch.arange(k).expand(*shape, k).clone()
-        logprobs = torch.full((*shape, k), uniform, dtype=torch.float32)
-        token_logprobs = torch.full(shape, uniform, dtype=torch.float32)
+        result = TopKLogprobs.uniform(len(lengths), batch.response_ids.shape[1], k, self.vocab_size)
         mode = "topk" if k > 0 else "token"
         for chunk in self._chunks(rows, lengths):
             answer = self._score(rows, chunk, mode, k, temperature)
@@ -169,12 +165,11 @@ class RemoteTeacher:
                 top = self._tensor(answer, "logprobs", (len(chunk), tokens.shape[1], k))
             for j, i in enumerate(chunk):
                 n = lengths[i]
-                token_logprobs[i, :n] = tokens[j, :n]
+                result.token_logprobs[i, :n] = tokens[j, :n]
                 if k > 0:
-                    indices[i, :n] = top_ids[j, :n].long()
-                    logprobs[i, :n] = top[j, :n]
-        device = batch.response_ids.device
-        return TopKLogprobs(indices, logprobs, token_logprobs).to(device)
+                    result.indices[i, :n] = top_ids[j, :n].long()
+                    result.logprobs[i, :n] = top[j, :n]
+        return result.to(batch.response_ids.device)
 
     # ------------------------------------------------------------------------- requests
     def _rows(self, batch: Batch) -> tuple[list[tuple[list[int], list[int]]], list[int]]:

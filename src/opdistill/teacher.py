@@ -10,6 +10,7 @@ each response token; the losses add the tail bucket log(1 − Σ top-k) themselv
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ class TopKLogprobs:
     @property
     def k(self) -> int:
         return self.indices.shape[-1]
+
+    @classmethod
+    def uniform(cls, rows: int, width: int, k: int, vocab_size: int) -> TopKLogprobs:
+        """A [rows, width] answer of the uniform distribution: finite filler for padding positions,
+        which a sparse teacher overwrites where it has real answers."""
+        fill = -math.log(vocab_size)
+        return cls(
+            torch.arange(k).expand(rows, width, k).clone(),
+            torch.full((rows, width, k), fill, dtype=torch.float32),
+            torch.full((rows, width), fill, dtype=torch.float32),
+        )
 
     def to(self, device: torch.device | str) -> TopKLogprobs:
         return TopKLogprobs(

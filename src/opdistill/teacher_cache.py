@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from opdistill.batch import Batch, chat_prompt, completion_ids, dataset_batch
 from opdistill.config import Config, is_served_teacher
 from opdistill.errors import OpdistillError
-from opdistill.files import write_atomic
+from opdistill.files import atomic_file, fsync_tree, write_atomic
 from opdistill.models import (
     check_tokenizers_match,
     load_model,
@@ -360,17 +359,9 @@ def _score_shard(
 
 def _write_shard(output: Path, name: str, table: pa.Table) -> dict[str, int]:
     """Write `table` as `output/name`: under a temporary name, flushed, then renamed."""
-    staging = output / f".{name}.tmp"
-    with open(staging, "wb") as handle:
+    with atomic_file(output / name, "wb") as handle:
         pq.write_table(table, handle, compression=COMPRESSION)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, output / name)
-    fd = os.open(output, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_tree(output, recursive=False)
     return {
         "examples": table.num_rows,
         "tokens": int(table.column("num_tokens").to_numpy().sum()),
@@ -469,10 +460,7 @@ class CachedTeacher:
             )
         size, width = batch.response_ids.shape
         # Padding positions get a uniform answer (finite, never read through the mask).
-        fill = -math.log(self.vocab_size)
-        indices = torch.arange(k).expand(size, width, k).clone()
-        logprobs = torch.full((size, width, k), fill)
-        token_logprobs = torch.full((size, width), fill)
+        result = TopKLogprobs.uniform(size, width, k, self.vocab_size)
         lengths = batch.response_mask.sum(1).tolist()
         for row, (key, length) in enumerate(zip(batch_keys(batch), lengths, strict=True)):
             index = self.rows.get(key)
@@ -492,11 +480,10 @@ class CachedTeacher:
                     f"tokens, the batch has {length}"
                 )
             start, end = self.offsets[index], self.offsets[index + 1]
-            indices[row, :length] = self.indices[start:end, :k]
-            logprobs[row, :length] = self.logprobs[start:end, :k]
-            token_logprobs[row, :length] = self.token_logprobs[start:end]
-        device = batch.response_ids.device
-        return TopKLogprobs(indices, logprobs, token_logprobs).to(device)
+            result.indices[row, :length] = self.indices[start:end, :k]
+            result.logprobs[row, :length] = self.logprobs[start:end, :k]
+            result.token_logprobs[row, :length] = self.token_logprobs[start:end]
+        return result.to(batch.response_ids.device)
 
 
 def _flat(table: pa.Table, column: str, depth: int) -> np.ndarray:

@@ -53,7 +53,7 @@ from opdistill.config import (
 from opdistill.context import ContextSource, DemonstrationContext, ReferenceContext
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
-from opdistill.files import append_line, write_atomic
+from opdistill.files import append_line, fsync_tree, write_atomic
 from opdistill.lora import (
     BaseModelRollout,
     add_lora,
@@ -660,12 +660,12 @@ class Trainer:
             )
             for name, copy_model in self._weight_copies().items():
                 save_model(copy_model, str(staging / f"{name}.safetensors"))
-            _fsync_tree(staging)  # contents on disk before the marker makes them visible
+            fsync_tree(staging)  # contents on disk before the marker makes them visible
             (staging / CHECKPOINT_DONE).write_text(str(self.step_count))
-            _fsync_tree(staging)
+            fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
-            _fsync_tree(self.checkpoint_dir, recursive=False)
+            fsync_tree(self.checkpoint_dir, recursive=False)
             keep = self.config.train.keep_checkpoints
             for old in self.complete_checkpoints()[:-keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -804,17 +804,6 @@ def truncate_metrics(path: Path, step: int) -> int:
     if dropped:
         write_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
-
-
-def _fsync_tree(root: Path, recursive: bool = True) -> None:
-    """Flush the files below `root` (and the directories themselves) to disk."""
-    paths = [*(root.rglob("*") if recursive else []), root]
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _summarise_window(window: list[StepStats]) -> dict[str, float]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from opdistill.errors import OpdistillError
-from opdistill.losses.divergence import _divergence, _log_mix, _validate, compute_dtype
+from opdistill.losses.divergence import _divergence, _mixture, _validate, compute_dtype
 
 # Automatic chunks hold about this many elements (chunk × V), 16 MiB per fp32 temporary.
 CHUNK_ELEMENTS = 1 << 22
@@ -118,10 +118,11 @@ class _ChunkedDivergence(torch.autograd.Function):
             end = min(n, start + chunk_size)
             log_q = _scaled_log_softmax(student_rows(start, end), dtype, temperature)
             log_p = _scaled_log_softmax(teacher_rows(start, end), dtype, temperature)
-            values[start:end] = _divergence(log_p, log_q, kind, beta, alpha)
+            log_m = _mixture(log_p, log_q, kind, beta, alpha)  # once, for value and gradient
+            values[start:end] = _divergence(log_p, log_q, kind, beta, alpha, log_m)
             if grad is not None:
                 chunk_grad = grad[start:end]
-                _student_grad(log_p, log_q, kind, beta, alpha, out=chunk_grad)
+                _student_grad(log_p, log_q, log_m, kind, beta, alpha, out=chunk_grad)
                 if temperature != 1.0:
                     chunk_grad.div_(temperature)
         if grad is not None:
@@ -167,9 +168,18 @@ def _scaled_log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) 
 
 
 def _student_grad(
-    log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float, out: Tensor
+    log_p: Tensor,
+    log_q: Tensor,
+    log_m: Tensor | None,
+    kind: str,
+    beta: float,
+    alpha: float,
+    out: Tensor,
 ) -> None:
-    """Write ∂D/∂z (z = student logits / τ) into ``out``: Q ⊙ (g − Σ Q g), see the module doc."""
+    """Write ∂D/∂z (z = student logits / τ) into ``out``: Q ⊙ (g − Σ Q g), see the module doc.
+
+    ``log_m`` is the mixture of the jsd and skew kinds (`_mixture`), None for the others.
+    """
     q = log_q.exp()
     positive = q > 0
     if kind == "skew_forward_kl" and alpha == 0.0:
@@ -181,17 +191,14 @@ def _student_grad(
     elif kind == "reverse_kl":
         qg = torch.where(positive, q * (log_q - log_p), 0.0)
     elif kind == "jsd":
-        log_m = _log_mix(log_p, log_q, beta)
         qg = torch.where(positive, (1.0 - beta) * q * (log_q - log_m), 0.0)
     elif kind == "tvd":
         qg = 0.5 * q * torch.sign(q - log_p.exp())
     elif kind == "skew_forward_kl":
         # Q ⊙ g = −(1−α)·P·Q/M; M ≥ αP > 0 wherever P > 0.
-        log_m = _log_mix(log_p, log_q, alpha)
         both = positive & (log_p > float("-inf"))
         qg = -(1.0 - alpha) * torch.where(both, log_p + log_q - log_m, float("-inf")).exp()
     else:  # skew_reverse_kl; M ≥ αQ > 0 wherever Q > 0.
-        log_m = _log_mix(log_p, log_q, 1.0 - alpha)
         log_ratio = torch.where(positive, log_q - log_m, 0.0)
         qg = torch.where(positive, q * (log_ratio - alpha * log_ratio.exp()), 0.0)
     torch.addcmul(qg, q, qg.sum(-1, keepdim=True), value=-1.0, out=out)

@@ -100,20 +100,40 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
+def _mixture(log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float) -> Tensor | None:
+    """log M of the kinds that compare with a mixture (jsd, the skew KLs); None for the others."""
+    if kind == "jsd":
+        return _log_mix(log_p, log_q, beta)
+    if kind == "skew_forward_kl":
+        return _log_mix(log_p, log_q, alpha)
+    if kind == "skew_reverse_kl":
+        return _log_mix(log_p, log_q, 1.0 - alpha)
+    return None
+
+
+def _divergence(
+    log_p: Tensor,
+    log_q: Tensor,
+    kind: str,
+    beta: float,
+    alpha: float,
+    log_m: Tensor | None = None,
+) -> Tensor:
+    """The divergence of `kind` per position; `log_m` is `_mixture`'s result when already known."""
     if kind == "forward_kl":
         return _kl(log_p, log_q)
     if kind == "reverse_kl":
         return _kl(log_q, log_p)
-    if kind == "jsd":
-        log_m = _log_mix(log_p, log_q, beta)
-        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if log_m is None:
+        log_m = _mixture(log_p, log_q, kind, beta, alpha)
+    if kind == "jsd":
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     if kind == "skew_forward_kl":
-        return _kl(log_p, _log_mix(log_p, log_q, alpha))
+        return _kl(log_p, log_m)
     # skew_reverse_kl
-    return _kl(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
+    return _kl(log_q, log_m)
 
 
 def _validate(
