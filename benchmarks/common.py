@@ -103,7 +103,7 @@ def graph_examples(num_prompts: int, seed: int = 0) -> list[Example]:
 def padded_tokenizer(vocab: int, examples: Sequence[Example]) -> PreTrainedTokenizerBase:
     """opdistill's word-level tokenizer (with its chat template) for `examples`, padded with
     added dummy tokens so that `len(tokenizer) == vocab`."""
-    from opdistill.tokenizer import build_word_tokenizer
+    from opdistill.models.tokenizers import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(f"{e.prompt} {e.completion or ''}" for e in examples)
     missing = vocab - len(tokenizer)
@@ -117,7 +117,7 @@ def tiny_model(
     tokenizer: PreTrainedTokenizerBase, shape: ModelShape, seed: int, max_positions: int = 4096
 ) -> PreTrainedModel:
     """A randomly initialised Llama whose vocabulary is exactly `len(tokenizer)` (no padding)."""
-    from opdistill.models import tiny_llama
+    from opdistill.models.loading import tiny_llama
 
     return tiny_llama(
         tokenizer,
@@ -163,7 +163,7 @@ def load_built(directory: Path, setup: StepSetup) -> Built:
     """Load what `save_built` wrote (float32); prompts are rebuilt from the setup's seed."""
     from transformers.utils import logging
 
-    from opdistill.models import load_model, load_tokenizer
+    from opdistill.models.loading import load_model, load_tokenizer
 
     logging.disable_progress_bar()
     return Built(

@@ -21,7 +21,7 @@ def graph_task():
 
 @pytest.fixture(scope="session")
 def tokenizer(graph_task):
-    from opdistill.tokenizer import build_word_tokenizer
+    from opdistill.models.tokenizers import build_word_tokenizer
 
     examples = graph_task.examples("train", 200) + graph_task.examples("eval", 20)
     return build_word_tokenizer(e.prompt + " " + e.completion for e in examples)
@@ -30,7 +30,7 @@ def tokenizer(graph_task):
 @pytest.fixture(scope="session")
 def saved_pair(tmp_path_factory, tokenizer):
     """A tiny teacher and a tinier student saved with save_pretrained, plus the tokenizer."""
-    from opdistill.models import tiny_llama
+    from opdistill.models.loading import tiny_llama
 
     root = tmp_path_factory.mktemp("models")
     for name, size in (("teacher", 48), ("student", 32)):

@@ -8,7 +8,7 @@ from opdistill.batch import (
     response_mask_after_eos,
     right_pad,
 )
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 
 
 def test_padding_helpers():

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from opdistill import demo
 from opdistill.cli import main
 from opdistill.config import load_config
+from opdistill.experiments import demo
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 

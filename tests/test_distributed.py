@@ -14,11 +14,12 @@ import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from opdistill import rollout
 from opdistill.cli import main
 from opdistill.errors import OpdistillError
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout
+from opdistill.rollout import base as rollout_base
+from opdistill.rollout import hf as rollout_hf
 from opdistill.tasks import make_task
 from opdistill.trainer import ExampleStream, _check_launch
 
@@ -98,7 +99,7 @@ def train_records(output):
 def response_tokens_per_rank(data_file, saved_pair, micro_batches):
     """Reference-completion tokens of each rank's half of the first global micro-batches."""
     from opdistill.batch import completion_ids
-    from opdistill.models import load_tokenizer
+    from opdistill.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(saved_pair / "student"))
     stream = ExampleStream(make_task("jsonl", train_path=str(data_file)).examples("train", 0), 0)
@@ -217,9 +218,9 @@ def sharded_state(distributed_type, zero_stage=None, num_processes=2):
 def test_generation_is_synced_under_zero3_and_fsdp(
     monkeypatch, tokenizer, graph_task, state, synced
 ):
-    monkeypatch.setattr(rollout, "is_initialized", lambda: True)
-    monkeypatch.setattr(rollout, "AcceleratorState", lambda: state)
-    assert rollout.synced_generation() is synced
+    monkeypatch.setattr(rollout_base, "is_initialized", lambda: True)
+    monkeypatch.setattr(rollout_base, "AcceleratorState", lambda: state)
+    assert rollout_base.synced_generation() is synced
 
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
     seen = {}
@@ -258,7 +259,7 @@ def test_teacher_mixed_rollout_keeps_stepping_until_every_process_is_done(
     def all_reduce(flag):  # the other process decodes until this one has run 4 steps
         flag += 1.0 if len(forwards) < 4 else 0.0
 
-    monkeypatch.setattr(rollout, "synced_generation", lambda: True)
+    monkeypatch.setattr(rollout_hf, "synced_generation", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     forwards.clear()
     batch = sampler.generate(examples, 5, greedy=True)

@@ -23,11 +23,11 @@ from opdistill.config import (
 )
 from opdistill.errors import OpdistillError
 from opdistill.losses import DIVERGENCE_KINDS, token_divergence
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.objectives import distillation_loss
 from opdistill.replay import ReplayBuffer
 from opdistill.rollout import HFGenerateRollout
-from opdistill.teacher import TopKLogprobs, topk_from_logits
+from opdistill.teachers.base import TopKLogprobs, topk_from_logits
 from opdistill.trainer import Trainer
 
 CASES = {

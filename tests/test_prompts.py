@@ -6,7 +6,7 @@ from opdistill.batch import chat_prompt
 from opdistill.cli import main
 from opdistill.config import DataConfig
 from opdistill.errors import OpdistillError
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.prompts import (
     context_window,
     fit_prompts,

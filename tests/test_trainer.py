@@ -19,9 +19,9 @@ from opdistill.config import (
 )
 from opdistill.errors import OpdistillError
 from opdistill.eval import evaluate
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.tasks.base import Example
-from opdistill.teacher import ModelTeacher
+from opdistill.teachers.base import ModelTeacher
 from opdistill.trainer import ExampleStream, Trainer
 
 
@@ -188,9 +188,9 @@ def test_checkpoint_without_completion_marker_is_ignored(tmp_path, tokenizer, gr
     trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     trainer.step()
     good = trainer.save_checkpoint()
-    torn = trainer.checkpoint_dir / "step-00000009"
+    torn = trainer.checkpoints.directory / "step-00000009"
     torn.mkdir()
-    assert trainer.latest_checkpoint() == good
+    assert trainer.checkpoints.latest() == good
 
 
 def test_divergence_loss_without_teacher_is_an_error(tmp_path, tokenizer, graph_task):
@@ -238,10 +238,10 @@ def test_keeps_the_newest_checkpoints_and_falls_back_past_a_corrupt_one(
     for _ in range(4):
         trainer.step()
         trainer.save_checkpoint()
-    kept = [p.name for p in trainer.complete_checkpoints()]
+    kept = [p.name for p in trainer.checkpoints.complete()]
     assert kept == ["step-00000003", "step-00000004"]
 
-    newest = trainer.checkpoint_dir / "step-00000004" / "model" / "model.safetensors"
+    newest = trainer.checkpoints.directory / "step-00000004" / "model" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write that kept its marker
     teacher, student = models(tokenizer)
     resumed = small_trainer(config, tokenizer, graph_task, teacher, student, 16)
@@ -308,7 +308,7 @@ def test_self_distillation_teacher_weights(tmp_path, tokenizer, graph_task, weig
     initial = {n: p.clone() for n, p in student.named_parameters()}
     config = self_distill_config(tmp_path, weights=weights, ema_decay=0.5, **context)
     trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
-    copies = trainer._weight_copies()
+    copies = trainer.teacher.networks()
     extra = {"frozen": 1, "ema": 1, "live": 0}[weights]
     if context.get("demo_model") == "initial" and weights != "frozen":
         extra += 1  # the initial model that samples demonstrations
@@ -366,8 +366,9 @@ def test_self_distillation_resumes_exactly(tmp_path, tokenizer, graph_task):
 
     straight, resumed = straight_and_resumed(make_trainer, tmp_path)
     for model in ("student", "teacher_copy"):
-        a = getattr(straight, model).state_dict()
-        b = getattr(resumed, model).state_dict()
+        a = straight.student if model == "student" else straight.teacher.networks()[model]
+        b = resumed.student if model == "student" else resumed.teacher.networks()[model]
+        a, b = a.state_dict(), b.state_dict()
         for name, value in a.items():
             assert torch.equal(value, b[name]), (model, name)
 

@@ -1,6 +1,62 @@
-"""opdistill: on-policy distillation of language models."""
+"""opdistill: on-policy distillation of language models.
+
+The names a script needs, importable from the top-level package (loaded on first use, so that
+`import opdistill` stays cheap):
+
+    from opdistill import load_config, build_trainer, Trainer, evaluate
+    from opdistill import Teacher, RolloutBackend, TopKLogprobs, losses
+
+`opdistill.losses` holds the objectives as pure functions of logits and masks; `opdistill.teachers`,
+`opdistill.rollout`, `opdistill.models`, `opdistill.tasks` and `opdistill.eval` are the packages
+behind them (see README, "Python API").
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from opdistill.errors import OpdistillError
 
-__version__ = "0.1.0"
-__all__ = ["OpdistillError", "__version__"]
+_EXPORTS = {
+    "Config": "opdistill.config",
+    "load_config": "opdistill.config",
+    "config_from_dict": "opdistill.config",
+    "Trainer": "opdistill.trainer",
+    "build_trainer": "opdistill.trainer",
+    "evaluate": "opdistill.eval",
+    "evaluate_with_config": "opdistill.eval.evaluate",
+    "Teacher": "opdistill.teachers",
+    "TopKLogprobs": "opdistill.teachers",
+    "build_teacher": "opdistill.teachers",
+    "model_teacher": "opdistill.teachers",
+    "RolloutBackend": "opdistill.rollout",
+    "HFGenerateRollout": "opdistill.rollout",
+    "Batch": "opdistill.batch",
+    "make_task": "opdistill.tasks",
+    "load_model": "opdistill.models",
+    "load_tokenizer": "opdistill.models",
+}
+_MODULES = ("losses", "objectives", "teachers", "rollout", "models", "tasks", "eval")
+
+__all__ = ["OpdistillError", *_EXPORTS, *_MODULES]
+
+if TYPE_CHECKING:
+    from opdistill import eval, losses, models, objectives, rollout, tasks, teachers
+    from opdistill.batch import Batch
+    from opdistill.config import Config, config_from_dict, load_config
+    from opdistill.eval import evaluate
+    from opdistill.eval.evaluate import evaluate_with_config
+    from opdistill.models import load_model, load_tokenizer
+    from opdistill.rollout import HFGenerateRollout, RolloutBackend
+    from opdistill.tasks import make_task
+    from opdistill.teachers import Teacher, TopKLogprobs, build_teacher, model_teacher
+    from opdistill.trainer import Trainer, build_trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"opdistill.{name}")
+    raise AttributeError(f"module 'opdistill' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from opdistill.errors import OpdistillError
 
 def _train(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
-    from opdistill.models import check_model_paths
+    from opdistill.models.loading import check_model_paths
     from opdistill.trainer import build_trainer
 
     if args.resume and args.overwrite:
@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from opdistill.config import is_served_teacher, load_config
     from opdistill.eval.evaluate import evaluate_with_config
-    from opdistill.models import (
+    from opdistill.models.loading import (
         check_model_paths,
         check_tokenizers_match,
         load_model,
@@ -49,7 +49,7 @@ def _eval(args: argparse.Namespace) -> None:
     )
     from opdistill.prompts import context_window, fit_split
     from opdistill.tasks import make_task
-    from opdistill.teacher import ModelTeacher
+    from opdistill.teachers import model_teacher, served_teacher
 
     overrides = list(args.set)
     if args.model:
@@ -64,19 +64,16 @@ def _eval(args: argparse.Namespace) -> None:
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
     examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
-    teacher = None
+    teacher, teacher_model = None, None
     if served:
-        from opdistill.remote_teacher import remote_teacher_for
-
-        teacher = remote_teacher_for(
-            mc.teacher, tokenizer, mc.teacher_token_env, mc.teacher_timeout
-        )
+        teacher = served_teacher(mc.teacher, tokenizer, mc.teacher_token_env, mc.teacher_timeout)
     elif use_teacher:
         check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
     model = load_model(mc.student, mc.dtype)
     if use_teacher and not served:
-        teacher = ModelTeacher(load_model(mc.teacher, mc.dtype), len(tokenizer))
-    window = context_window(model, teacher.model if isinstance(teacher, ModelTeacher) else None)
+        teacher_model = load_model(mc.teacher, mc.dtype)
+        teacher = model_teacher(teacher_model, len(tokenizer))
+    window = context_window(model, teacher_model)
     if served and teacher.context_window:
         window = min(window or teacher.context_window, teacher.context_window)
     fit = fit_split(dc, tokenizer, window, examples, "eval", ec.max_new_tokens)
@@ -93,8 +90,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _cache_teacher(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
-    from opdistill.models import check_model_paths
-    from opdistill.teacher_cache import write_teacher_cache
+    from opdistill.models.loading import check_model_paths
+    from opdistill.teachers.cache_writer import write_teacher_cache
 
     config = load_config(args.config, args.set)
     output = args.output or config.model.teacher_cache
@@ -118,11 +115,11 @@ def _cache_teacher(args: argparse.Namespace) -> None:
 
 
 def _serve_teacher(args: argparse.Namespace) -> None:
-    from opdistill.models import load_model, load_tokenizer
-    from opdistill.tokenizer import tokenizer_fingerprint
+    from opdistill.models.loading import load_model, load_tokenizer
+    from opdistill.models.tokenizers import tokenizer_fingerprint
 
     try:
-        from opdistill.serve import is_loopback, serve_teacher
+        from opdistill.teachers.server import is_loopback, serve_teacher
     except ImportError as error:
         raise OpdistillError(
             f"serve-teacher needs {error.name or 'starlette and uvicorn'}: "
@@ -162,13 +159,13 @@ def _serve_teacher(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from opdistill.demo import default_cache_dir, run_demo
+    from opdistill.experiments.demo import default_cache_dir, run_demo
 
     output_dir = args.output_dir or (
         "runs/demo" if args.suite == "default" else f"runs/demo-{args.suite}"
     )
     if args.suite == "self-distill":
-        from opdistill.demo_self_distill import run_self_distill_suite
+        from opdistill.experiments.self_distill import run_self_distill_suite
 
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
         run_self_distill_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)

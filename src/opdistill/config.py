@@ -17,7 +17,6 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from opdistill.errors import OpdistillError
-from opdistill.losses import DIVERGENCE_KINDS
 
 LossKind = Literal[
     "nll",
@@ -32,7 +31,6 @@ LossKind = Literal[
     "minillm",
     "taid",
 ]
-SEQUENCE_OBJECTIVES = ("sampled_token", "vopd", "minillm")  # need the student's own samples
 
 
 @dataclass
@@ -505,13 +503,12 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise OpdistillError(message)
-    if loss.kind == "jsd" and not 0.0 < loss.beta < 1.0:
-        raise OpdistillError(
-            f"loss.beta={loss.beta}: jsd needs beta in (0, 1); at 0 or 1 it is identically 0 "
-            "(use kind forward_kl or reverse_kl instead)"
-        )
-    if loss.kind in ("skew_forward_kl", "skew_reverse_kl") and not 0.0 <= loss.alpha < 1.0:
-        raise OpdistillError(f"loss.alpha={loss.alpha}: skew divergences need alpha in [0, 1)")
+    from opdistill.objectives import OBJECTIVES  # the registry imports this module
+
+    assert set(typing.get_args(LossKind)) == set(OBJECTIVES), "LossKind and OBJECTIVES differ"
+    objective = OBJECTIVES[loss.kind]
+    if objective.check is not None:
+        objective.check(config)
     if not config.model.student:
         raise OpdistillError("model.student is required (a local path or hub id)")
     if needs_teacher(config) and not (config.model.teacher or config.model.teacher_cache):
@@ -560,9 +557,9 @@ def validate(config: Config) -> None:
     for ok, message in objective_checks:
         if not ok:
             raise OpdistillError(message)
-    on_policy_only = loss.kind in SEQUENCE_OBJECTIVES or config.reward.distill_weight < 1.0
+    on_policy_only = objective.on_policy_only or config.reward.distill_weight < 1.0
     if on_policy_only and t.student_data_fraction != 1.0:
-        what = f"loss.kind={loss.kind!r}" if loss.kind in SEQUENCE_OBJECTIVES else "a reward"
+        what = f"loss.kind={loss.kind!r}" if objective.on_policy_only else "a reward"
         raise OpdistillError(
             f"{what} learns from the student's own samples: set train.student_data_fraction=1"
         )
@@ -586,12 +583,6 @@ def validate(config: Config) -> None:
                 "train.adaptive_source: replay_reuse must be in [0, 1] and replay_size >= "
                 "train.batch_size"
             )
-    assert set(typing.get_args(LossKind)) == {
-        "nll",
-        "taid",
-        *DIVERGENCE_KINDS,
-        *SEQUENCE_OBJECTIVES,
-    }
 
 
 def _validate_teacher_top_k(config: Config) -> None:
@@ -600,10 +591,13 @@ def _validate_teacher_top_k(config: Config) -> None:
     k = loss.teacher_top_k
     if k == 0:
         return
-    if loss.kind not in (*DIVERGENCE_KINDS, "sampled_token"):
+    from opdistill.objectives import OBJECTIVES
+
+    if not OBJECTIVES[loss.kind].sparse:
+        sparse = [name for name, objective in OBJECTIVES.items() if objective.sparse]
         raise OpdistillError(
-            f"loss.teacher_top_k={k} works with loss.kind in {', '.join(DIVERGENCE_KINDS)} or "
-            f"sampled_token; loss.kind={loss.kind!r} needs the teacher's full logits"
+            f"loss.teacher_top_k={k} works with loss.kind in {', '.join(sparse[:-1])} or "
+            f"{sparse[-1]}; loss.kind={loss.kind!r} needs the teacher's full logits"
         )
     if loss.tip.mode != "off":
         raise OpdistillError(
@@ -725,9 +719,10 @@ def needs_teacher(config: Config) -> bool:
 
 
 def scores_with_teacher(config: Config) -> bool:
-    """Whether steps need the teacher's logits (a distillation term, or TIP's divergence)."""
-    distills = config.loss.kind != "nll" and config.reward.distill_weight > 0
-    return distills or config.loss.tip.mode != "off"
+    """Whether steps ask the teacher for scores (a distillation term, or TIP's divergence)."""
+    from opdistill.objectives import teacher_answer
+
+    return teacher_answer(config) is not None
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""From a config to per-token losses: every objective behind one call.
+"""From a config to per-token losses: every objective in one registry, behind one call.
+
+Each `loss.kind` is an `Objective` in `OBJECTIVES`: its per-token loss and what it needs from the
+step (the cheapest teacher answer, whether top-k log-probs serve it, whether it learns only from
+the student's own samples, whether it reads the sampler's log-probs). Adding an objective means
+one `register(Objective(...))` here and its name in `config.LossKind`.
 
 `per_token_loss` returns the loss of each response token and `token_weights` the weight each token
 gets in the mean (the response mask, times TIP selection and position weights when configured).
@@ -7,13 +12,14 @@ The trainer reduces them with `reduce_weighted`. The formulas live in `opdistill
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from opdistill.batch import Batch
-from opdistill.config import Config
+from opdistill.config import Config, LossConfig
 from opdistill.errors import OpdistillError
 from opdistill.losses import (
     DIVERGENCE_KINDS,
@@ -33,7 +39,9 @@ from opdistill.losses import (
     vopd_loss,
     weighted_token_mean,
 )
-from opdistill.teacher import TopKLogprobs
+from opdistill.teachers import Answer, TopKLogprobs
+
+TeacherScores = Tensor | TopKLogprobs | None
 
 
 @dataclass
@@ -44,89 +52,224 @@ class StepInputs:
     advantages: Tensor | None = None
 
 
+@dataclass
+class LossInputs:
+    """Everything an objective's per-token loss reads."""
+
+    loss: LossConfig
+    student_logits: Tensor  # [B, R, V]
+    teacher: TeacherScores  # full logits [B, R, V], or TopKLogprobs (top-k or tokens only)
+    batch: Batch
+    taid_t: float = 1.0
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One `loss.kind`.
+
+    teacher: the cheapest teacher answer the loss reads (None: no teacher).
+    sparse: top-k log-probs plus a tail bucket serve it too (`loss.teacher_top_k` > 0).
+    on_policy_only: it learns from the student's own samples (needs λ = 1).
+    sampler_logprobs: it reads the log-probs recorded when the tokens were sampled.
+    check: further config checks, raising `OpdistillError`.
+    """
+
+    name: str
+    loss: Callable[[LossInputs], Tensor]
+    teacher: Answer | None = "logits"
+    sparse: bool = False
+    on_policy_only: bool = False
+    sampler_logprobs: bool = False
+    check: Callable[[Config], None] | None = None
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    if objective.name in OBJECTIVES:
+        raise ValueError(f"objective {objective.name!r} is registered twice")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def objective_for(config: Config) -> Objective:
+    return OBJECTIVES[config.loss.kind]
+
+
+# ------------------------------------------------------------------------------ the objectives
+def _nll(x: LossInputs) -> Tensor:
+    return token_nll(x.student_logits, x.batch.response_ids, temperature=x.loss.temperature)
+
+
+def _divergence(x: LossInputs) -> Tensor:
+    lc = x.loss
+    if isinstance(x.teacher, TopKLogprobs):
+        return topk_divergence(
+            x.student_logits,
+            x.teacher.indices,
+            x.teacher.logprobs,
+            lc.kind,
+            beta=lc.beta,
+            alpha=lc.alpha,
+            temperature=lc.temperature,
+        )
+    return chunked_token_divergence(
+        x.student_logits,
+        x.teacher,
+        lc.kind,
+        beta=lc.beta,
+        alpha=lc.alpha,
+        temperature=lc.temperature,
+        chunk_size=lc.chunk_size,
+    )
+
+
+def _check_jsd(config: Config) -> None:
+    beta = config.loss.beta
+    if not 0.0 < beta < 1.0:
+        raise OpdistillError(
+            f"loss.beta={beta}: jsd needs beta in (0, 1); at 0 or 1 it is identically 0 "
+            "(use kind forward_kl or reverse_kl instead)"
+        )
+
+
+def _check_skew(config: Config) -> None:
+    alpha = config.loss.alpha
+    if not 0.0 <= alpha < 1.0:
+        raise OpdistillError(f"loss.alpha={alpha}: skew divergences need alpha in [0, 1)")
+
+
+def _teacher_token_logprobs(x: LossInputs) -> Tensor:
+    """The teacher's log-prob of each response token at τ (a sparse answer already is at τ)."""
+    if isinstance(x.teacher, TopKLogprobs):
+        return x.teacher.token_logprobs
+    return token_logprobs(x.teacher, x.batch.response_ids, temperature=x.loss.temperature)
+
+
+def _sampled_token(x: LossInputs) -> Tensor:
+    student_lp = token_logprobs(
+        x.student_logits, x.batch.response_ids, temperature=x.loss.temperature
+    )
+    sampler_lp = x.batch.sampler_logprobs
+    sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
+    return sampled_token_loss(
+        student_lp,
+        _teacher_token_logprobs(x),
+        sampler_lp,
+        x.batch.response_mask,
+        gamma=x.loss.gamma,
+    )
+
+
+def _vopd(x: LossInputs) -> Tensor:
+    lc = x.loss
+    return vopd_loss(
+        x.student_logits,
+        x.teacher,
+        x.batch.response_ids,
+        x.batch.response_mask,
+        top_k=lc.top_k,
+        gamma=lc.gamma,
+        temperature=lc.temperature,
+    )
+
+
+def _minillm(x: LossInputs) -> Tensor:
+    lc, batch = x.loss, x.batch
+    student_lp = token_logprobs(x.student_logits, batch.response_ids, temperature=lc.temperature)
+    teacher_lp = _teacher_token_logprobs(x)
+    sampler_lp = batch.sampler_logprobs
+    mix = lc.minillm.teacher_mix
+    weights = mixture_weights(student_lp.detach(), teacher_lp, mix) if mix > 0 else None
+    # PPO clip compares with the student at sampling time; with a mixed sampler the recorded
+    # log-probs are the mixture's, so the ratio is taken against the detached student.
+    old = sampler_lp if (mix == 0 and sampler_lp is not None) else student_lp.detach()
+    return minillm_loss(
+        x.student_logits,
+        x.teacher,
+        batch.response_ids,
+        batch.response_mask,
+        length_norm=lc.minillm.length_norm,
+        importance_weights=weights,
+        old_logprobs=old,
+        clip=lc.minillm.clip,
+        temperature=lc.temperature,
+    )
+
+
+def _taid(x: LossInputs) -> Tensor:
+    return taid_loss(x.student_logits, x.teacher, x.taid_t, temperature=x.loss.temperature)
+
+
+register(Objective("nll", _nll, teacher=None))
+for _kind in DIVERGENCE_KINDS:
+    register(
+        Objective(
+            _kind,
+            _divergence,
+            sparse=True,
+            check={
+                "jsd": _check_jsd,
+                "skew_forward_kl": _check_skew,
+                "skew_reverse_kl": _check_skew,
+            }.get(_kind),
+        )
+    )
+register(
+    Objective(
+        "sampled_token",
+        _sampled_token,
+        teacher="token_logprobs",
+        sparse=True,
+        on_policy_only=True,
+        sampler_logprobs=True,
+    )
+)
+register(Objective("vopd", _vopd, on_policy_only=True))
+register(Objective("minillm", _minillm, on_policy_only=True, sampler_logprobs=True))
+register(Objective("taid", _taid))
+
+
+def teacher_answer(config: Config) -> Answer | None:
+    """The cheapest answer the run's steps need from the teacher (None: it is not asked).
+
+    Top-k log-probs when `loss.teacher_top_k` > 0; full logits where TIP reads the teacher's
+    distribution; otherwise the objective's own need (the response tokens' log-probs only for
+    `sampled_token`).
+    """
+    distills = config.loss.kind != "nll" and config.reward.distill_weight > 0
+    if not distills and config.loss.tip.mode == "off":
+        return None
+    if config.loss.teacher_top_k > 0:
+        return "topk"
+    objective = objective_for(config)
+    if config.loss.tip.mode != "off" or objective.teacher is None:
+        return "logits"
+    return objective.teacher
+
+
 def distillation_loss(
     config: Config,
     student_logits: Tensor,
-    teacher_logits: Tensor | TopKLogprobs | None,
+    teacher_logits: TeacherScores,
     batch: Batch,
     t: float,
 ) -> Tensor:
     """The configured distillation objective per response token, [B, T].
 
     The teacher's scores are its full logits [B, T, V], or its top-k log-probs (`TopKLogprobs`,
-    `loss.teacher_top_k` > 0), which serve the divergences (over the top-k tokens plus a tail
-    bucket) and `sampled_token` (the response tokens' log-probs).
+    `loss.teacher_top_k` > 0, or only the response tokens' for `sampled_token`).
     """
-    lc = config.loss
-    kind, tau, ids, mask = lc.kind, lc.temperature, batch.response_ids, batch.response_mask
-    if kind == "nll":
-        return token_nll(student_logits, ids, temperature=tau)
-    sparse = isinstance(teacher_logits, TopKLogprobs)
-    if sparse and kind in DIVERGENCE_KINDS:
-        return topk_divergence(
-            student_logits,
-            teacher_logits.indices,
-            teacher_logits.logprobs,
-            kind,
-            beta=lc.beta,
-            alpha=lc.alpha,
-            temperature=tau,
-        )
-    if sparse and kind != "sampled_token":
+    objective = objective_for(config)
+    needs_logits = objective.teacher is not None and not objective.sparse
+    if isinstance(teacher_logits, TopKLogprobs) and needs_logits:
+        sparse = ", ".join(name for name, o in OBJECTIVES.items() if o.sparse)
         raise OpdistillError(
-            f"loss.kind={kind!r} needs the teacher's full logits; top-k teacher log-probs "
-            f"(loss.teacher_top_k > 0) serve {', '.join(DIVERGENCE_KINDS)} and sampled_token"
+            f"loss.kind={objective.name!r} needs the teacher's full logits; top-k teacher "
+            f"log-probs (loss.teacher_top_k > 0) serve {sparse}"
         )
-    if kind in DIVERGENCE_KINDS:
-        return chunked_token_divergence(
-            student_logits,
-            teacher_logits,
-            kind,
-            beta=lc.beta,
-            alpha=lc.alpha,
-            temperature=tau,
-            chunk_size=lc.chunk_size,
-        )
-    if kind == "taid":
-        return taid_loss(student_logits, teacher_logits, t, temperature=tau)
-    if kind == "vopd":
-        return vopd_loss(
-            student_logits,
-            teacher_logits,
-            ids,
-            mask,
-            top_k=lc.top_k,
-            gamma=lc.gamma,
-            temperature=tau,
-        )
-    student_lp = token_logprobs(student_logits, ids, temperature=tau)
-    teacher_lp = (  # a sparse teacher's log-probs of the response tokens are already at τ
-        teacher_logits.token_logprobs
-        if sparse
-        else token_logprobs(teacher_logits, ids, temperature=tau)
-    )
-    sampler_lp = batch.sampler_logprobs
-    if kind == "sampled_token":
-        sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
-        return sampled_token_loss(student_lp, teacher_lp, sampler_lp, mask, gamma=lc.gamma)
-    if kind == "minillm":
-        mix = lc.minillm.teacher_mix
-        weights = mixture_weights(student_lp.detach(), teacher_lp, mix) if mix > 0 else None
-        # PPO clip compares with the student at sampling time; with a mixed sampler the recorded
-        # log-probs are the mixture's, so the ratio is taken against the detached student.
-        old = sampler_lp if (mix == 0 and sampler_lp is not None) else student_lp.detach()
-        return minillm_loss(
-            student_logits,
-            teacher_logits,
-            ids,
-            mask,
-            length_norm=lc.minillm.length_norm,
-            importance_weights=weights,
-            old_logprobs=old,
-            clip=lc.minillm.clip,
-            temperature=tau,
-        )
-    raise AssertionError(f"unhandled loss kind {kind}")  # config validation lists every kind
+    return objective.loss(LossInputs(config.loss, student_logits, teacher_logits, batch, t))
 
 
 def per_token_loss(

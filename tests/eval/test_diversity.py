@@ -200,7 +200,7 @@ def test_unloadable_model_directory_warns(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def student(tokenizer):
-    from opdistill.models import tiny_llama
+    from opdistill.models.loading import tiny_llama
 
     return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
 

@@ -21,7 +21,7 @@ from opdistill.eval.metrics import (
 from opdistill.losses import masked_token_sum, token_divergence
 from opdistill.rollout import HFGenerateRollout, decode_responses
 from opdistill.tasks.base import Example, Task
-from opdistill.teacher import Teacher
+from opdistill.teachers.base import Teacher
 
 
 def curve_ks(num_samples: int) -> list[int]:

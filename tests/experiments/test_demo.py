@@ -3,8 +3,8 @@ import json
 import pytest
 
 from opdistill.cli import main
-from opdistill.demo import METHODS, OBJECTIVES
-from opdistill.demo_self_distill import SelfDistillSettings, methods
+from opdistill.experiments.demo import METHODS, OBJECTIVES
+from opdistill.experiments.self_distill import SelfDistillSettings, methods
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from opdistill.tokenizer import EOS, build_word_tokenizer
+from opdistill.models.tokenizers import EOS, build_word_tokenizer
 
 
 def test_splits_words_punctuation_and_single_digits():

@@ -3,7 +3,7 @@ import math
 import torch
 
 from opdistill.batch import batch_logits
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout, decode_responses
 
 

@@ -43,14 +43,14 @@ from transformers import PreTrainedModel
 from opdistill.batch import left_pad, right_pad, sequence_logits
 from opdistill.errors import OpdistillError
 from opdistill.prompts import context_window
-from opdistill.teacher import topk_from_logits
+from opdistill.teachers.base import topk_from_logits
 
 MODES = ("full", "topk", "token")
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 DEFAULT_MAX_BATCH_TOKENS = 16384
 FIELDS = ("prompt_ids", "response_ids", "mode", "k", "temperature")
 
-logger = logging.getLogger("opdistill.serve")
+logger = logging.getLogger("opdistill.teachers.server")
 
 
 class _Refused(Exception):

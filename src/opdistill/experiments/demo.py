@@ -33,10 +33,10 @@ from opdistill.config import Config, config_from_dict
 from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import write_atomic
-from opdistill.models import count_parameters, tiny_llama
+from opdistill.models.loading import count_parameters, tiny_llama
+from opdistill.models.tokenizers import build_word_tokenizer
 from opdistill.tasks import make_task
-from opdistill.teacher import ModelTeacher
-from opdistill.tokenizer import build_word_tokenizer
+from opdistill.teachers import model_teacher
 from opdistill.trainer import Trainer
 
 DEMO_VERSION = "3"
@@ -353,7 +353,7 @@ def _run_task(
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
     instance, train, evals = task_data(settings, task)
-    scorer = ModelTeacher(teacher, len(tokenizer))
+    scorer = model_teacher(teacher, len(tokenizer))
     ec = run_config(settings, task, output_dir, 1, 0, 1.0).eval
 
     per_seed: dict[str, list[dict[str, float]]] = {}

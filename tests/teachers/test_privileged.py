@@ -1,10 +1,10 @@
 import torch
 
 from opdistill.batch import batch_logits, chat_prompt, dataset_batch
-from opdistill.context import ReferenceContext
-from opdistill.models import tiny_llama
+from opdistill.models.loading import tiny_llama
 from opdistill.tasks.base import Example
-from opdistill.teacher import PrivilegedContextTeacher, ema_update, frozen_copy
+from opdistill.teachers.context import ReferenceContext
+from opdistill.teachers.privileged import PrivilegedContextTeacher, ema_update, frozen_copy
 
 TEMPLATE = "{prompt} edges: {context} ."
 

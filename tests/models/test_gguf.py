@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from opdistill import gguf as opd_gguf
 from opdistill.cli import main
 from opdistill.config import load_config
 from opdistill.errors import OpdistillError
-from opdistill.models import check_model_paths, load_model, load_tokenizer
+from opdistill.models import gguf as opd_gguf
+from opdistill.models.loading import check_model_paths, load_model, load_tokenizer
 from opdistill.tasks import make_task
 
 gguf = pytest.importorskip("gguf")
@@ -233,7 +233,7 @@ eval: {{num_prompts: 2, num_samples: 2, ks: [1, 2], max_new_tokens: 4}}
     assert main(["eval", str(config), "--model", str(final), "--no-teacher"]) == 0
 
 
-REAL_EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "real").glob("*.yaml"))
+REAL_EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "real").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", REAL_EXAMPLES, ids=lambda p: p.name)

@@ -37,11 +37,11 @@ from opdistill.config import (  # noqa: E402
     validate,
 )
 from opdistill.errors import OpdistillError  # noqa: E402
-from opdistill.models import check_model_paths, tiny_llama  # noqa: E402
-from opdistill.remote_teacher import RemoteTeacher  # noqa: E402
-from opdistill.serve import is_loopback, listen, teacher_app  # noqa: E402
-from opdistill.teacher import ModelTeacher  # noqa: E402
-from opdistill.tokenizer import tokenizer_fingerprint  # noqa: E402
+from opdistill.models.loading import check_model_paths, tiny_llama  # noqa: E402
+from opdistill.models.tokenizers import tokenizer_fingerprint  # noqa: E402
+from opdistill.teachers.base import ModelTeacher  # noqa: E402
+from opdistill.teachers.http import RemoteTeacher  # noqa: E402
+from opdistill.teachers.server import is_loopback, listen, teacher_app  # noqa: E402
 from opdistill.trainer import Trainer, build_trainer  # noqa: E402
 
 TOKEN = "s3cret-token"

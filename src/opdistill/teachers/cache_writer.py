@@ -1,16 +1,9 @@
-"""An offline teacher: the top-k log-probs of the training completions, scored once and stored.
+"""Writing a teacher cache (`opdistill cache-teacher`): score the training completions once.
 
 `write_teacher_cache` scores every training example's reference completion with the teacher and
-writes Parquet shards of `examples_per_shard` examples plus a `manifest.json`; `CachedTeacher`
-reads them back and answers `topk` for dataset batches, so supervised KD (λ = 0) trains without
-the teacher in memory.
-
-Each row of a shard is one example: `key` (a hash of its prompt and response token ids),
-`num_tokens`, and per response token the teacher's `k` most probable ids (`indices`, int32, most
-probable first), their log-probabilities (`logprobs`, float32, at the cache's temperature,
-normalised over the whole vocabulary) and the log-probability of the response token itself
-(`token_logprobs`). Shards are written under a temporary name and renamed when complete, and
-the manifest is replaced atomically after each one, so an interrupted run resumes where it
+writes Parquet shards of `examples_per_shard` examples plus a `manifest.json` (the format is in
+`opdistill.teachers.cache`). Shards are written under a temporary name and renamed when complete,
+and the manifest is replaced atomically after each one, so an interrupted run resumes where it
 stopped and never leaves a partial shard visible.
 """
 
@@ -30,65 +23,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from opdistill.batch import Batch, chat_prompt, completion_ids, dataset_batch
+from opdistill.batch import chat_prompt, completion_ids, dataset_batch
 from opdistill.config import Config, is_served_teacher
 from opdistill.errors import OpdistillError
 from opdistill.files import atomic_file, fsync_tree, write_atomic
-from opdistill.models import (
+from opdistill.models.loading import (
     check_tokenizers_match,
     load_model,
     load_model_config,
     load_tokenizer,
 )
+from opdistill.models.tokenizers import tokenizer_fingerprint
 from opdistill.prompts import context_window, fit_split
 from opdistill.tasks import make_task
 from opdistill.tasks.base import Example
-from opdistill.teacher import ModelTeacher, TopKLogprobs
-from opdistill.tokenizer import tokenizer_fingerprint
-
-FORMAT = "opdistill-teacher-cache"
-VERSION = 1
-MANIFEST = "manifest.json"
-COMPRESSION = "zstd"
-# Settings that fix a cache's content: resuming with any other value is refused.
-SETTINGS = (
-    "format",
-    "version",
-    "k",
-    "temperature",
-    "vocab_size",
-    "teacher",
-    "dtype",
-    "tokenizer_fingerprint",
-    "num_examples",
-    "examples_fingerprint",
-    "examples_per_shard",
-    "context_window",
+from opdistill.teachers.base import ModelTeacher
+from opdistill.teachers.cache import (
+    COMPRESSION,
+    FORMAT,
+    MANIFEST,
+    SETTINGS,
+    VERSION,
+    example_key,
+    read_manifest,
 )
-
-
-def example_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
-    """A hash of one example's prompt and response token ids (the cache's row key)."""
-    digest = hashlib.sha256()
-    for ids in (prompt_ids, response_ids):
-        array = np.asarray(ids, dtype=np.int64)
-        digest.update(np.int64(len(array)).tobytes())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:32]
-
-
-def batch_keys(batch: Batch) -> list[str]:
-    """`example_key` of every row of a batch (padding removed)."""
-    prompt_ids, prompt_mask = batch.prompt_ids.cpu(), batch.prompt_mask.cpu().bool()
-    response_ids, response_mask = batch.response_ids.cpu(), batch.response_mask.cpu().bool()
-    return [
-        example_key(prompt_ids[row][prompt_mask[row]], response_ids[row][response_mask[row]])
-        for row in range(len(prompt_ids))
-    ]
 
 
 @dataclass
@@ -255,7 +216,7 @@ def _resume(output: Path, settings: dict[str, Any]) -> dict[str, dict[str, int]]
             )
         output.mkdir(parents=True, exist_ok=True)
         return {}
-    manifest = _read_manifest(output)
+    manifest = read_manifest(output)
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
             raise OpdistillError(
@@ -273,21 +234,6 @@ def _resume(output: Path, settings: dict[str, Any]) -> dict[str, dict[str, int]]
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 24 else text[:20] + "…'"
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise OpdistillError(f"teacher cache {path}: cannot read {MANIFEST} ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise OpdistillError(f"{path / MANIFEST} is not a teacher cache manifest")
-    if manifest.get("version") != VERSION:
-        raise OpdistillError(
-            f"teacher cache {path} has format version {manifest.get('version')}; this opdistill "
-            f"reads version {VERSION}: rebuild it with opdistill cache-teacher"
-        )
-    return manifest
 
 
 def _write_manifest(
@@ -367,128 +313,3 @@ def _write_shard(output: Path, name: str, table: pa.Table) -> dict[str, int]:
         "tokens": int(table.column("num_tokens").to_numpy().sum()),
         "bytes": (output / name).stat().st_size,
     }
-
-
-class CachedTeacher:
-    """A teacher read from a `write_teacher_cache` directory: top-k answers for dataset batches.
-
-    Only batches of the cached examples' reference completions can be scored (supervised KD);
-    `topk` takes the first `k` of the cached top-k at the cache's temperature.
-    """
-
-    def __init__(self, path: str | Path, vocab_size: int, tokenizer_fingerprint: str | None = None):
-        self.path = Path(path)
-        if not (self.path / MANIFEST).is_file():
-            raise OpdistillError(
-                f"model.teacher_cache {str(self.path)!r} holds no {MANIFEST}; write it with "
-                "opdistill cache-teacher"
-            )
-        manifest = _read_manifest(self.path)
-        if not manifest.get("complete"):
-            raise OpdistillError(
-                f"teacher cache {self.path} is incomplete ({len(manifest.get('shards', {}))} of "
-                f"{manifest.get('num_shards')} shards); run opdistill cache-teacher again to "
-                "finish it"
-            )
-        if manifest["vocab_size"] != vocab_size:
-            raise OpdistillError(
-                f"teacher cache {self.path} was built for a vocabulary of "
-                f"{manifest['vocab_size']} tokens, not {vocab_size}"
-            )
-        if tokenizer_fingerprint is not None and (
-            manifest["tokenizer_fingerprint"] != tokenizer_fingerprint
-        ):
-            raise OpdistillError(
-                f"teacher cache {self.path} was built with another tokenizer (its vocabulary or "
-                "special tokens differ from this run's)"
-            )
-        self.manifest = manifest
-        self.k: int = manifest["k"]
-        self.temperature: float = manifest["temperature"]
-        self.vocab_size = vocab_size
-        self._load(sorted(manifest["shards"]))
-
-    def _load(self, names: list[str]) -> None:
-        keys, counts, indices, logprobs, token_logprobs = [], [], [], [], []
-        for name in names:
-            try:
-                table = pq.read_table(self.path / name)
-            except (OSError, pa.ArrowException) as error:
-                raise OpdistillError(
-                    f"teacher cache {self.path}: cannot read {name} ({error})"
-                ) from None
-            count = table.column("num_tokens").to_numpy().astype(np.int64)
-            keys.extend(table.column("key").to_pylist())
-            counts.append(count)
-            indices.append(_flat(table, "indices", 2).reshape(-1, self.k))
-            logprobs.append(_flat(table, "logprobs", 2).reshape(-1, self.k))
-            token_logprobs.append(_flat(table, "token_logprobs", 1))
-            if not len(indices[-1]) == len(logprobs[-1]) == len(token_logprobs[-1]) == count.sum():
-                raise OpdistillError(f"teacher cache {self.path}: {name} is inconsistent")
-        self.num_tokens = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.num_tokens)])
-        self.indices = torch.from_numpy(np.concatenate(indices))  # int32; widened per batch
-        self.logprobs = torch.from_numpy(np.concatenate(logprobs))
-        self.token_logprobs = torch.from_numpy(np.concatenate(token_logprobs))
-        self.rows: dict[str, int] = {}
-        for row, key in enumerate(keys):
-            self.rows.setdefault(key, row)
-
-    def fit_window(self, window: int | None) -> int | None:
-        """The context window prompts are fitted to: `window` capped at the cache's own."""
-        cached = self.manifest.get("context_window")
-        return cached if window is None else window if cached is None else min(window, cached)
-
-    def logits(self, batch: Batch) -> Tensor:
-        raise OpdistillError(
-            f"the teacher cache {self.path} holds top-k log-probs only, not logits: set "
-            f"loss.teacher_top_k (at most {self.k})"
-        )
-
-    def topk(self, batch: Batch, k: int, temperature: float = 1.0) -> TopKLogprobs:
-        """The cached top-k of every row, right-padded to the batch's response width."""
-        if k > self.k:
-            raise OpdistillError(
-                f"loss.teacher_top_k={k} exceeds the k={self.k} of the teacher cache {self.path}; "
-                f"lower it or rebuild the cache with --top-k {k}"
-            )
-        if not math.isclose(temperature, self.temperature, rel_tol=1e-9):
-            raise OpdistillError(
-                f"the teacher cache {self.path} holds log-probs at temperature {self.temperature}, "
-                f"not {temperature}: set loss.temperature={self.temperature} or rebuild the "
-                f"cache with --temperature {temperature}"
-            )
-        size, width = batch.response_ids.shape
-        # Padding positions get a uniform answer (finite, never read through the mask).
-        result = TopKLogprobs.uniform(size, width, k, self.vocab_size)
-        lengths = batch.response_mask.sum(1).tolist()
-        for row, (key, length) in enumerate(zip(batch_keys(batch), lengths, strict=True)):
-            index = self.rows.get(key)
-            if index is None:
-                what = (
-                    f"the example with prompt {batch.examples[row].prompt[:40]!r}"
-                    if row < len(batch.examples)
-                    else f"batch row {row}"
-                )
-                raise OpdistillError(
-                    f"{what} is not in the teacher cache {self.path}; was the cache built from "
-                    "this config's data?"
-                )
-            if self.num_tokens[index] != length:
-                raise OpdistillError(
-                    f"teacher cache {self.path}: row {index} holds {self.num_tokens[index]} "
-                    f"tokens, the batch has {length}"
-                )
-            start, end = self.offsets[index], self.offsets[index + 1]
-            result.indices[row, :length] = self.indices[start:end, :k]
-            result.logprobs[row, :length] = self.logprobs[start:end, :k]
-            result.token_logprobs[row, :length] = self.token_logprobs[start:end]
-        return result.to(batch.response_ids.device)
-
-
-def _flat(table: pa.Table, column: str, depth: int) -> np.ndarray:
-    """The values of a (nested) list column, flattened `depth` times, as numpy."""
-    values = table.column(column).combine_chunks()
-    for _ in range(depth):
-        values = values.flatten()
-    return values.to_numpy(zero_copy_only=False)

@@ -7,7 +7,6 @@ its adapters disabled, so no copy of the network is kept.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,8 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from opdistill.batch import Batch
 from opdistill.config import LoraConfig
 from opdistill.errors import OpdistillError
-from opdistill.rollout import RolloutBackend
-from opdistill.tasks.base import Example
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.safetensors"
@@ -69,21 +65,3 @@ def save_merged(model: PeftModel, path: Path) -> None:
     """The student with its adapters merged into the base weights, as a plain causal LM."""
     merged = copy.deepcopy(model).merge_and_unload()
     merged.save_pretrained(path)
-
-
-class BaseModelRollout:
-    """Samples from a LoRA student's base model (adapters disabled)."""
-
-    def __init__(self, rollout: RolloutBackend, model: PeftModel):
-        self.rollout = rollout
-        self.model = model
-
-    def generate(
-        self,
-        examples: Sequence[Example],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        greedy: bool = False,
-    ) -> Batch:
-        with self.model.disable_adapter():
-            return self.rollout.generate(examples, max_new_tokens, temperature, greedy)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opdistill.errors import OpdistillError
-from opdistill.models import (
+from opdistill.models.loading import (
     check_model_paths,
     check_tokenizers_match,
     count_parameters,
@@ -13,7 +13,7 @@ from opdistill.models import (
     tiny_llama,
     truncated_copy,
 )
-from opdistill.tokenizer import build_word_tokenizer
+from opdistill.models.tokenizers import build_word_tokenizer
 
 
 def test_tiny_llama_pads_vocab_and_round_trips(tmp_path, tokenizer):

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opdistill.config import Config
-from opdistill.demo import (
+from opdistill.eval import plot_pass_at_k, summarise_curves
+from opdistill.eval.evaluate import EvalMetrics, evaluate_with_config
+from opdistill.experiments.demo import (
     GRAPH,
     DemoSettings,
     merge_options,
@@ -42,11 +44,9 @@ from opdistill.demo import (
     slug,
     task_data,
 )
-from opdistill.eval import plot_pass_at_k, summarise_curves
-from opdistill.eval.evaluate import EvalMetrics, evaluate_with_config
 from opdistill.tasks.base import Example
 from opdistill.tasks.graph import GraphTask
-from opdistill.teacher import ModelTeacher
+from opdistill.teachers import model_teacher
 from opdistill.trainer import Trainer
 
 # Words of the demo tokenizer's vocabulary (it is trained on graph prompts and paths only).
@@ -234,7 +234,7 @@ def run_self_distill_suite(
             {**metrics, **_evaluate(model, tokenizer, instance, ood, reference, "ood ")}
         ]
 
-    scorer = ModelTeacher(teacher, len(tokenizer))
+    scorer = model_teacher(teacher, len(tokenizer))
     runs = [(seed, method) for seed in range(seeds) for method in methods(settings)]
     progress = tqdm(runs, desc="self-distill runs", dynamic_ncols=True)
     for seed, method in progress:

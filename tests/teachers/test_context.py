@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 
 from opdistill.batch import dataset_batch
-from opdistill.context import DemonstrationContext, ReferenceContext
 from opdistill.tasks.base import Example
+from opdistill.teachers.context import DemonstrationContext, ReferenceContext
 
 
 class ScriptedSampler:

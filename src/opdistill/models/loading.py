@@ -19,9 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from opdistill import gguf
 from opdistill.config import is_served_teacher
 from opdistill.errors import OpdistillError
+from opdistill.models import gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +40,8 @@ def _resolve(spec: str, what: str, needs: tuple[str, ...] = (), convert: bool = 
     """The local path `spec` names, else `spec` as a hub id.
 
     A `gguf:` spec resolves to its cached float32 directory, converted on first use (only located
-    and checked with `convert=False`; see `opdistill.gguf`). A missing local path, a file, or a
-    directory holding none of `needs` is an error.
+    and checked with `convert=False`; see `opdistill.models.gguf`). A missing local path, a file, or
+    a directory holding none of `needs` is an error.
     """
     if gguf.is_gguf_spec(spec):
         try:

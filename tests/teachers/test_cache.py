@@ -6,16 +6,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from opdistill import teacher_cache
 from opdistill.batch import dataset_batch
 from opdistill.cli import main
 from opdistill.config import config_from_dict
 from opdistill.errors import OpdistillError
-from opdistill.models import load_model, load_tokenizer
+from opdistill.models.loading import load_model, load_tokenizer
+from opdistill.models.tokenizers import tokenizer_fingerprint
 from opdistill.tasks import make_task
-from opdistill.teacher import ModelTeacher
-from opdistill.teacher_cache import CachedTeacher, cache_examples, write_teacher_cache
-from opdistill.tokenizer import tokenizer_fingerprint
+from opdistill.teachers import cache as teacher_cache
+from opdistill.teachers.base import ModelTeacher
+from opdistill.teachers.cache import CachedTeacher
+from opdistill.teachers.cache_writer import cache_examples, write_teacher_cache
 from opdistill.trainer import build_trainer
 
 K = 5

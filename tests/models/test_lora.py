@@ -17,9 +17,9 @@ from opdistill.config import (
     validate,
 )
 from opdistill.errors import OpdistillError
-from opdistill.lora import add_lora, is_lora
-from opdistill.models import tiny_llama
-from opdistill.teacher import ModelTeacher
+from opdistill.models.loading import tiny_llama
+from opdistill.models.lora import add_lora, is_lora
+from opdistill.teachers.base import ModelTeacher
 from opdistill.trainer import Trainer
 
 LORA = LoraConfig(r=4, alpha=8.0)
@@ -130,7 +130,7 @@ def test_self_distillation_teacher_is_the_base_model(tmp_path, tokenizer, graph_
     sd = SelfDistillConfig(enabled=True, weights="base", **(context if demo_model else {}))
     config = config_for(tmp_path, self_distill=sd)
     trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
-    assert trainer._weight_copies() == {} and trainer.teacher.model is student
+    assert trainer.teacher.networks() == {} and trainer.teacher.model is student
     steps = [trainer.step() for _ in range(3)]
     batch = dataset_batch(tokenizer, graph_task.examples("eval", 4))
     reference = copy.deepcopy(trainer.teacher)

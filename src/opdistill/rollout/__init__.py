@@ -1,0 +1,41 @@
+"""Rollout backends: turn prompts into sampled responses and the sampler's log-probs.
+
+Every backend implements `RolloutBackend.generate`; `hf` samples with transformers `generate`.
+`build_samplers` picks the run's student and teacher samplers from its config.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opdistill.config import Config, samples_teacher_mixture
+from opdistill.rollout.base import RolloutBackend, decode_responses
+from opdistill.rollout.hf import BaseModelRollout, HFGenerateRollout, TeacherMixedRollout
+
+__all__ = [
+    "BaseModelRollout",
+    "HFGenerateRollout",
+    "RolloutBackend",
+    "TeacherMixedRollout",
+    "build_samplers",
+    "decode_responses",
+]
+
+
+def build_samplers(
+    config: Config,
+    student: PreTrainedModel,
+    teacher_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    record_logprobs: bool,
+) -> tuple[RolloutBackend, RolloutBackend | None]:
+    """The student's sampler (MiniLLM: the teacher–student mixture) and, with a teacher model in
+    this process, the teacher's (SeqKD). `record_logprobs`: keep the sampler's log-probs."""
+    student_sampler: RolloutBackend = HFGenerateRollout(student, tokenizer, record_logprobs)
+    if teacher_model is None:
+        return student_sampler, None
+    if samples_teacher_mixture(config):
+        student_sampler = TeacherMixedRollout(
+            student, teacher_model, tokenizer, config.loss.minillm.teacher_mix
+        )
+    return student_sampler, HFGenerateRollout(teacher_model, tokenizer, record_logprobs)

@@ -1,0 +1,104 @@
+"""The rollout protocol and what every backend shares: prompt batching, EOS masking, decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedType
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from opdistill.batch import Batch, chat_prompt, left_pad, response_mask_after_eos
+from opdistill.tasks.base import Example
+
+
+class RolloutBackend(Protocol):
+    """Anything that samples responses for a list of prompts."""
+
+    def generate(
+        self,
+        examples: Sequence[Example],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ) -> Batch: ...
+
+
+def synced_generation() -> bool:
+    """Whether every process must run the same number of decoding steps.
+
+    Under DeepSpeed ZeRO-3 and FSDP each forward pass gathers parameter shards from all
+    processes, so a process whose responses all ended early has to keep stepping until the
+    others are done, or the collectives deadlock.
+    """
+    if not is_initialized():
+        return False
+    state = AcceleratorState()
+    if state.num_processes <= 1:
+        return False
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    return (
+        state.distributed_type == DistributedType.DEEPSPEED
+        and state.deepspeed_plugin.zero_stage == 3
+    )
+
+
+def all_finished(finished: Tensor, synced: bool) -> bool:
+    """Every row ended; with `synced`, on every process."""
+    done = bool(finished.all())
+    if not synced:
+        return done
+    unfinished = torch.tensor(0.0 if done else 1.0, device=finished.device)
+    torch.distributed.all_reduce(unfinished)
+    return float(unfinished) == 0.0
+
+
+class PromptCache:
+    """Chat-formatted prompt ids, computed once per prompt text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self._ids: dict[str, list[int]] = {}
+
+    def batch(self, examples: Sequence[Example]) -> tuple[Tensor, Tensor]:
+        for e in examples:
+            if e.prompt not in self._ids:
+                self._ids[e.prompt] = chat_prompt(self.tokenizer, e.prompt)
+        return left_pad([self._ids[e.prompt] for e in examples], self.tokenizer.pad_token_id)
+
+
+def finish_batch(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    token_logprobs: Tensor,
+    eos_id: int,
+    pad_id: int,
+    examples: Sequence[Example],
+) -> Batch:
+    """Mask everything after the first EOS, trim to the longest response, build the batch."""
+    response_mask = response_mask_after_eos(response_ids, eos_id)
+    response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
+    token_logprobs = token_logprobs.masked_fill(response_mask == 0, 0.0)
+    longest = max(1, int(response_mask.sum(dim=1).max()))
+    return Batch(
+        prompt_ids,
+        prompt_mask,
+        response_ids[:, :longest].contiguous(),
+        response_mask[:, :longest].contiguous(),
+        list(examples),
+        token_logprobs[:, :longest].contiguous(),
+    )
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[str]:
+    """Response texts without padding and EOS."""
+    texts = []
+    for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
+        kept = [int(i) for i, m in zip(ids, mask, strict=True) if m]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
