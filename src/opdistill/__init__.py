@@ -14,7 +14,7 @@ behind them (see README, "Python API").
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opdistill.errors import OpdistillError
 
@@ -40,18 +40,6 @@ _EXPORTS = {
 _MODULES = ("losses", "objectives", "teachers", "rollout", "models", "tasks", "eval")
 
 __all__ = ["OpdistillError", *_EXPORTS, *_MODULES]
-
-if TYPE_CHECKING:
-    from opdistill import eval, losses, models, objectives, rollout, tasks, teachers
-    from opdistill.batch import Batch
-    from opdistill.config import Config, config_from_dict, load_config
-    from opdistill.eval import evaluate
-    from opdistill.eval.evaluate import evaluate_with_config
-    from opdistill.models import load_model, load_tokenizer
-    from opdistill.rollout import HFGenerateRollout, RolloutBackend
-    from opdistill.tasks import make_task
-    from opdistill.teachers import Teacher, TopKLogprobs, build_teacher, model_teacher
-    from opdistill.trainer import Trainer, build_trainer
 
 
 def __getattr__(name: str) -> Any:
