@@ -1,4 +1,5 @@
-"""Command line: `opdistill train`, `eval`, `demo`, `cache-teacher` and `serve-teacher`."""
+"""The command line: `opdistill train`, `eval`, `demo`, `experiment`, `cache-teacher` and
+`serve-teacher`."""
 
 from __future__ import annotations
 
@@ -181,6 +182,14 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    from opdistill.experiments import run_experiment
+
+    code = run_experiment(args.name, args.args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opdistill", description="On-policy distillation of language models."
@@ -249,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a smoke-test sized run (minutes → seconds); numbers not meaningful",
     )
     demo.set_defaults(func=_demo)
+
+    from opdistill.experiments import EXPERIMENTS
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="run a measured experiment of the docs (options after the name go to it; "
+        "opdistill experiment NAME --help lists them)",
+    )
+    experiment.add_argument(
+        "name",
+        choices=sorted(EXPERIMENTS),
+        help="; ".join(f"{name}: {summary}" for name, (_, summary) in sorted(EXPERIMENTS.items())),
+    )
+    experiment.add_argument("args", nargs=argparse.REMAINDER, help="the experiment's options")
+    experiment.set_defaults(func=_experiment)
 
     serve = commands.add_parser(
         "serve-teacher",

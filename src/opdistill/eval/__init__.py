@@ -10,7 +10,7 @@ from opdistill.eval.diversity import (
     self_bleu,
     semantic_diversity_per_prompt,
 )
-from opdistill.eval.evaluate import EvalMetrics, curve_ks, evaluate
+from opdistill.eval.evaluate import EvalMetrics, curve_ks, evaluate, evaluate_with_config
 from opdistill.eval.metrics import (
     avg_at_k,
     distinct_correct,
@@ -29,6 +29,7 @@ __all__ = [
     "distinct_correct",
     "distinct_n",
     "evaluate",
+    "evaluate_with_config",
     "load_embedding_model",
     "markdown_table",
     "mean_distinct_correct",

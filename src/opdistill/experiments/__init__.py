@@ -1,0 +1,24 @@
+"""Measured experiments, each runnable from the CLI and written against the public API.
+
+- `demo`: the embedded default (`opdistill demo`) and the objectives suite (`--suite objectives`);
+- `self_distill`: self-distillation's diversity cost (`opdistill demo --suite self-distill`);
+- `smollm2`: distillation with a real pretrained model (`opdistill experiment smollm2`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name → (module whose `main(argv) -> int` runs it, one-line summary)
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "smollm2": (
+        "opdistill.experiments.smollm2",
+        "SFT, supervised KD, on-policy GKD and self-distillation of SmolLM2-135M",
+    ),
+}
+
+
+def run_experiment(name: str, argv: list[str]) -> int:
+    """Run experiment `name` with its command-line options `argv`; return its exit code."""
+    module, _ = EXPERIMENTS[name]
+    return importlib.import_module(module).main(list(argv))

@@ -29,15 +29,16 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdistill.config import Config, config_from_dict
-from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
-from opdistill.eval.evaluate import evaluate_with_config
+from opdistill import Config, Trainer, config_from_dict, make_task, model_teacher
+from opdistill.eval import (
+    evaluate_with_config,
+    markdown_table,
+    plot_pass_at_k,
+    summarise,
+    summarise_curves,
+)
 from opdistill.files import write_atomic
-from opdistill.models.loading import count_parameters, tiny_llama
-from opdistill.models.tokenizers import build_word_tokenizer
-from opdistill.tasks import make_task
-from opdistill.teachers import model_teacher
-from opdistill.trainer import Trainer
+from opdistill.models import build_word_tokenizer, count_parameters, tiny_llama
 
 DEMO_VERSION = "3"
 

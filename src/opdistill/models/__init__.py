@@ -1,6 +1,7 @@
 """Models and tokenizers: loading (paths, hub ids, `gguf:` specs), tiny models built from a
 config, LoRA students (peft), and tokenizers trained locally."""
 
+from opdistill.models.gguf import gguf_model_dir, is_gguf_spec
 from opdistill.models.loading import (
     check_model_paths,
     check_tokenizers_match,
@@ -20,6 +21,8 @@ __all__ = [
     "check_model_paths",
     "check_tokenizers_match",
     "count_parameters",
+    "gguf_model_dir",
+    "is_gguf_spec",
     "is_lora",
     "load_model",
     "load_model_config",

@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from opdistill.errors import OpdistillError
-from opdistill.tasks.arithmetic import ArithmeticTask
+from opdistill.tasks.arithmetic import ArithmeticTask, parse_natural_answer
 from opdistill.tasks.base import Example, Task
 from opdistill.tasks.graph import GraphTask
 from opdistill.tasks.user_data import (
@@ -59,4 +59,5 @@ __all__ = [
     "load_hf_dataset",
     "load_jsonl",
     "make_task",
+    "parse_natural_answer",
 ]

@@ -145,7 +145,8 @@ class Teacher(Protocol):
         return None
 
     def cannot(self, answer: Answer) -> TeacherCannotAnswer:
-        gives = " and ".join(_ANSWER_WORDS[a] for a in sorted(self.answers)) or "nothing"
+        given = [words for answer, words in _ANSWER_WORDS.items() if answer in self.answers]
+        gives = " and ".join(given) or "nothing"
         return TeacherCannotAnswer(f"{self.name} answers {gives}, not {_ANSWER_WORDS[answer]}")
 
 
