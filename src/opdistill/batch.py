@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.tasks.base import Example
+
+if TYPE_CHECKING:
+    from opdistill.losses.projected import ProjectedLogits
 
 
 @dataclass
@@ -94,7 +98,7 @@ def sequence_logits(
     prompt_mask: Tensor,
     response_ids: Tensor,
     response_mask: Tensor,
-    vocab_size: int,
+    vocab_size: int | None,
 ) -> Tensor:
     """Logits [B, R, vocab_size] that predict each response token.
 
@@ -113,10 +117,10 @@ def sequence_logits(
         logits_to_keep=num_response + 1,
         use_cache=False,
     )
-    return output.logits[:, :-1, :vocab_size]
+    return output.logits[:, :-1, :vocab_size]  # vocab_size None: every column
 
 
-def batch_logits(model: PreTrainedModel, batch: Batch, vocab_size: int) -> Tensor:
+def batch_logits(model: PreTrainedModel, batch: Batch, vocab_size: int | None) -> Tensor:
     """`sequence_logits` for a `Batch`."""
     return sequence_logits(
         model,
@@ -145,3 +149,53 @@ def dataset_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example
         [completion_ids(tokenizer, e.completion) for e in examples], tokenizer.pad_token_id
     )
     return Batch(prompt_ids, prompt_mask, response_ids, response_mask, list(examples))
+
+
+# Attributes of model configs that transform the projected logits (softcapping, scaling): with
+# any of them set, logits are not hidden @ Wᵀ + b and cannot be formed in chunks from hidden states.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+def projectable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection of `model` (a causal LM, possibly LoRA-wrapped) when its logits are
+    exactly `hidden @ Wᵀ + b`; None when they are not (a transformed or adapted head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if type(head) is not torch.nn.Linear or config is None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+class _HiddenStates(torch.nn.Module):
+    """Stands in for the output projection during a forward pass: returns its input."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+
+def batch_projected(
+    model: torch.nn.Module, base: torch.nn.Module, batch: Batch, vocab_size: int
+) -> ProjectedLogits:
+    """The logits that predict each response token as hidden states [B, R, H] and `base`'s output
+    projection (`ProjectedLogits`), computed by `model` (`base` itself, or a wrapper around it
+    such as DDP or peft) with the projection bypassed, so no [B, R, V] tensor is formed."""
+    from opdistill.losses.projected import ProjectedLogits
+
+    target = base.get_base_model() if hasattr(base, "get_base_model") else base
+    head = projectable_head(base)
+    if head is None:
+        raise ValueError("the model's logits are not a plain linear projection")
+    target.set_output_embeddings(_HiddenStates())
+    try:
+        hidden = batch_logits(model, batch, vocab_size=None)
+    finally:
+        target.set_output_embeddings(head)
+    return ProjectedLogits(hidden, head.weight, head.bias, vocab_size)

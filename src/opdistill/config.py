@@ -134,6 +134,10 @@ class LossConfig:
     teacher_top_k: int = 0
     # Positions per chunk of the full-vocabulary divergences (0 = chosen from the vocabulary size).
     chunk_size: int = 0
+    # Token divergences from the student's hidden states through the output projection, one chunk
+    # of positions at a time, never forming [B, R, V] logits: "auto" when the logits of a step
+    # would exceed 2^24 elements (64 MiB in fp32) and the model allows it (a plain linear head).
+    output_chunking: Literal["auto", "on", "off"] = "auto"
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     taid: TAIDConfig = field(default_factory=TAIDConfig)
     tip: TIPConfig = field(default_factory=TIPConfig)

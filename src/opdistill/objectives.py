@@ -33,15 +33,19 @@ from opdistill.losses import (
     sampled_token_loss,
     taid_loss,
     tip_weights,
+    token_divergence,
     token_logprobs,
     token_nll,
     topk_divergence,
     vopd_loss,
     weighted_token_mean,
 )
+from opdistill.losses.projected import ProjectedLogits, projected_token_loss
 from opdistill.teachers import Answer, TopKLogprobs
 
-TeacherScores = Tensor | TopKLogprobs | None
+TeacherScores = Tensor | TopKLogprobs | ProjectedLogits | None
+# `loss.output_chunking: auto` forms the logits per chunk above this many per step (64 MiB fp32).
+AUTO_CHUNKING_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -57,8 +61,8 @@ class LossInputs:
     """Everything an objective's per-token loss reads."""
 
     loss: LossConfig
-    student_logits: Tensor  # [B, R, V]
-    teacher: TeacherScores  # full logits [B, R, V], or TopKLogprobs (top-k or tokens only)
+    student_logits: Tensor | ProjectedLogits  # [B, R, V], or formed per chunk (divergences)
+    teacher: TeacherScores  # full logits [B, R, V], TopKLogprobs (top-k or tokens), projected
     batch: Batch
     taid_t: float = 1.0
 
@@ -104,6 +108,8 @@ def _nll(x: LossInputs) -> Tensor:
 
 def _divergence(x: LossInputs) -> Tensor:
     lc = x.loss
+    if isinstance(x.student_logits, ProjectedLogits):  # formed one chunk of positions at a time
+        return _projected_divergence(x)
     if isinstance(x.teacher, TopKLogprobs):
         return topk_divergence(
             x.student_logits,
@@ -123,6 +129,37 @@ def _divergence(x: LossInputs) -> Tensor:
         temperature=lc.temperature,
         chunk_size=lc.chunk_size,
     )
+
+
+def _projected_divergence(x: LossInputs) -> Tensor:
+    lc = x.loss
+    options = dict(beta=lc.beta, alpha=lc.alpha, temperature=lc.temperature)
+    if isinstance(x.teacher, TopKLogprobs):
+
+        def sparse(logits: Tensor, top: tuple[Tensor, Tensor]) -> Tensor:
+            return topk_divergence(logits, top[0], top[1], lc.kind, **options)
+
+        teacher = (x.teacher.indices, x.teacher.logprobs)
+        return projected_token_loss(x.student_logits, teacher, sparse, lc.chunk_size)
+
+    def full(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return token_divergence(logits, teacher_logits, lc.kind, **options)
+
+    return projected_token_loss(x.student_logits, x.teacher, full, lc.chunk_size)
+
+
+def chunks_output(config: Config, num_positions: int, vocab_size: int) -> bool:
+    """Whether a step's student logits are formed per chunk from hidden states (see
+    `loss.output_chunking`): token divergences only, without TIP (it reads the full
+    distributions) or a reward (its policy gradient reads the logits)."""
+    lc = config.loss
+    mode = lc.output_chunking
+    eligible = (
+        lc.kind in DIVERGENCE_KINDS and lc.tip.mode == "off" and config.reward.distill_weight == 1
+    )
+    if mode == "off" or not eligible:
+        return False
+    return mode == "on" or num_positions * vocab_size > AUTO_CHUNKING_ELEMENTS
 
 
 def _check_jsd(config: Config) -> None:

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from opdistill.adaptive import validation_loss
-from opdistill.batch import Batch, batch_logits, dataset_batch
+from opdistill.batch import Batch, batch_logits, batch_projected, dataset_batch, projectable_head
 from opdistill.checkpoint import Checkpoints, RandomState
 from opdistill.config import (
     Config,
@@ -50,10 +50,13 @@ from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import write_atomic
 from opdistill.losses import TaidSchedule, group_advantages
+from opdistill.losses.projected import ProjectedLogits
 from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
 from opdistill.models.lora import add_lora, is_lora, save_merged
 from opdistill.objectives import (
     StepInputs,
+    TeacherScores,
+    chunks_output,
     objective_for,
     per_token_loss,
     reduce_weighted,
@@ -182,6 +185,12 @@ class Trainer:
             else None
         )
         self.token_generator = torch.Generator().manual_seed(tc.seed)
+        # Logits formed per chunk need the student's plain linear head, and a whole model here.
+        sharded = self.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        )
+        self.output_chunkable = not sharded and projectable_head(unwrapped) is not None
 
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", tc.keep_checkpoints)
@@ -214,10 +223,14 @@ class Trainer:
             batch = batch.to(self.accelerator.device)
             last = index == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
+                # Large vocabularies: logits formed per chunk of positions inside the loss.
+                chunked = self.output_chunkable and chunks_output(
+                    self.config, batch.response_ids.numel(), self.vocab_size
+                )
                 # 3. Score with the teacher (no gradient).
-                teacher_scores = self._teacher_scores(batch)
+                teacher_scores = self._teacher_scores(batch, chunked)
                 # 4. Loss.
-                student_logits = batch_logits(self.student, batch, self.vocab_size)
+                student_logits = self._student_logits(batch, chunked)
                 advantages = None
                 if reward is not None:
                     advantages = group_advantages(
@@ -279,17 +292,26 @@ class Trainer:
             return self._sample(self.teacher_sampler, examples)
         return dataset_batch(self.tokenizer, examples)
 
-    def _teacher_scores(self, batch: Batch) -> torch.Tensor | TopKLogprobs | None:
-        """The teacher's cheapest sufficient answer: logits [B, R, V], its top-k log-probs, or
-        the response tokens' log-probs (as a `TopKLogprobs` with k = 0)."""
+    def _teacher_scores(self, batch: Batch, chunked: bool) -> TeacherScores:
+        """The teacher's cheapest sufficient answer: logits [B, R, V] (with `chunked`, as hidden
+        states and projection where it can), its top-k log-probs, or the response tokens'
+        log-probs (a `TopKLogprobs` with k = 0)."""
         lc, answer = self.config.loss, self.teacher_answer
         if answer is None:
             return None
+        if answer == "logits" and chunked and "projected" in self.teacher.answers:
+            return self.teacher.projected_logits(batch)
         if answer == "topk":
             return self.teacher.topk(batch, lc.teacher_top_k, lc.temperature)
         if answer == "token_logprobs":
             return TopKLogprobs.tokens(self.teacher.token_logprobs(batch, lc.temperature))
         return self.teacher.logits(batch)
+
+    def _student_logits(self, batch: Batch, chunked: bool) -> torch.Tensor | ProjectedLogits:
+        if chunked:
+            unwrapped = self.accelerator.unwrap_model(self.student)
+            return batch_projected(self.student, unwrapped, batch, self.vocab_size)
+        return batch_logits(self.student, batch, self.vocab_size)
 
     def _optimizer_step(self, total_loss: float) -> float:
         """Clip and step the optimizer and schedules (a non-finite step stops or is skipped);

@@ -1,6 +1,8 @@
 """The teacher protocol: whatever scores a student's responses token by token.
 
-Every teacher can be asked for three answers, from the richest to the cheapest:
+Every teacher can be asked for three answers, from the richest to the cheapest (a model held in
+this process also answers "projected": its hidden states and output projection, from which the
+losses form the logits one chunk of positions at a time):
 
 - `logits(batch)`: its logits [B, R, V] at the positions that predict each response token;
 - `topk(batch, k, τ)`: the k most probable tokens per position with their log-probabilities
@@ -25,13 +27,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from opdistill.batch import Batch, batch_logits
+from opdistill.batch import Batch, batch_logits, batch_projected, projectable_head
 from opdistill.errors import OpdistillError
+from opdistill.losses.projected import ProjectedLogits
 
-Answer = Literal["logits", "topk", "token_logprobs"]
+Answer = Literal["logits", "projected", "topk", "token_logprobs"]
 ALL_ANSWERS: frozenset[Answer] = frozenset(("logits", "topk", "token_logprobs"))
 _ANSWER_WORDS = {
     "logits": "full logits",
+    "projected": "hidden states with the output projection",
     "topk": "top-k log-probs",
     "token_logprobs": "the log-probs of the sampled tokens",
 }
@@ -95,7 +99,7 @@ def topk_from_logits(
 
 
 class Teacher(Protocol):
-    """Scores a batch of responses; see the module docstring for the three answers.
+    """Scores a batch of responses; see the module docstring for the answers.
 
     Implementations subclass this protocol to inherit the defaults: `topk` and `token_logprobs`
     computed from `logits`, no state, no per-step metrics.
@@ -118,6 +122,11 @@ class Teacher(Protocol):
 
     def logits(self, batch: Batch) -> Tensor:
         raise self.cannot("logits")
+
+    def projected_logits(self, batch: Batch) -> ProjectedLogits:
+        """The logits as hidden states [B, R, H] and the output projection, formed per chunk by
+        the losses (only teachers whose `answers` include "projected")."""
+        raise self.cannot("projected")
 
     def topk(self, batch: Batch, k: int, temperature: float = 1.0) -> TopKLogprobs:
         return topk_from_logits(self.logits(batch), batch.response_ids, k, temperature)
@@ -168,6 +177,17 @@ class ModelTeacher(Teacher):
     @property
     def name(self) -> str:
         return "the in-process teacher model"
+
+    @property
+    def answers(self) -> frozenset[Answer]:  # type: ignore[override]
+        if projectable_head(self.model) is None:
+            return ALL_ANSWERS
+        return ALL_ANSWERS | {"projected"}
+
+    @torch.no_grad()
+    def projected_logits(self, batch: Batch) -> ProjectedLogits:
+        device = next(self.model.parameters()).device
+        return batch_projected(self.model, self.model, batch.to(device), self.vocab_size)
 
     @torch.no_grad()  # not inference_mode: the result is saved for the student's backward
     def logits(self, batch: Batch) -> Tensor:

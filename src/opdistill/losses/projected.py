@@ -1,0 +1,189 @@
+"""Per-token losses computed from hidden states through the output projection, chunk by chunk.
+
+A student's logits [N, V] (N response positions) are `hidden @ Wᵀ + b`. `projected_token_loss`
+evaluates any per-token loss of logits without ever holding them: the forward walks the positions
+in chunks, projecting one chunk at a time under `no_grad`; the backward projects each chunk again
+and back-propagates through it alone, accumulating ∂/∂hidden, ∂/∂W and ∂/∂b. Only the hidden
+states [N, H] and the projection are kept between forward and backward, and the temporaries of
+one chunk at a time, so a step never holds a [B, R, V] student tensor.
+
+The teacher side may be projected the same way (`ProjectedLogits` for the teacher too: its logits
+are formed per chunk under no_grad), or be any tensor-like answer with positions first (full
+logits [N, V], or the top-k indices and log-probs [N, k]).
+
+Values equal `loss_fn(logits, teacher)` on the full logits and gradients equal autograd's through
+the projection, up to float rounding (the chunks sum the weight gradient in another order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opdistill.losses.chunked import CHUNK_ELEMENTS
+
+
+@dataclass
+class ProjectedLogits:
+    """Logits kept as hidden states and the projection that forms them: hidden [..., H] @ Wᵀ + b,
+    restricted to the first `vocab_size` columns (columns past the tokenizer are padding)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    vocab_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.vocab_size))
+
+    def chunk(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The logits of a chunk of hidden rows (differentiable in all three inputs)."""
+        logits = hidden @ weight[: self.vocab_size].T
+        if bias is not None:
+            logits = logits + bias[: self.vocab_size]
+        return logits
+
+    def materialize(self) -> Tensor:
+        """The full logits [..., V] (for reference and for the objectives that need them)."""
+        return self.chunk(self.hidden, self.weight, self.bias)
+
+
+# A per-token loss of a chunk: (student logits [n, V], teacher chunk) -> values [n].
+ChunkLoss = Callable[[Tensor, object], Tensor]
+
+
+def projected_token_loss(
+    student: ProjectedLogits,
+    teacher: ProjectedLogits | Sequence[Tensor] | Tensor,
+    loss_fn: ChunkLoss,
+    chunk_size: int = 0,
+) -> Tensor:
+    """`loss_fn` of the student's logits and the teacher's answer, per position, in chunks.
+
+    Args:
+        student: the student's hidden states [..., H] and output projection.
+        teacher: the teacher's logits as a `ProjectedLogits` (projected per chunk, no gradient),
+            a tensor [..., V], or a sequence of tensors with the student's leading dimensions
+            (e.g. top-k indices and log-probs), sliced per chunk and passed as a tuple.
+        loss_fn: maps a chunk of student logits [n, V] and the matching teacher chunk (logits
+            [n, V], or the tuple of slices) to per-position values [n].
+        chunk_size: positions per chunk; 0 picks about 2^22 / V positions.
+
+    Returns:
+        values with the student's leading dimensions, in `loss_fn`'s dtype.
+    """
+    lead = student.hidden.shape[:-1]
+    if chunk_size <= 0:
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, student.vocab_size))
+    hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
+    if isinstance(teacher, ProjectedLogits):
+        flat_teacher: object = ProjectedLogits(
+            teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).detach(),
+            teacher.weight.detach(),
+            None if teacher.bias is None else teacher.bias.detach(),
+            teacher.vocab_size,
+        )
+        teacher_tensors: tuple[Tensor, ...] = ()
+    else:
+        parts = (teacher,) if isinstance(teacher, Tensor) else tuple(teacher)
+        teacher_tensors = tuple(
+            p.detach().reshape(hidden.shape[0], *p.shape[len(lead) :]) for p in parts
+        )
+        flat_teacher = None if isinstance(teacher, Tensor) else len(teacher_tensors)
+    bias = student.bias
+    values = _ProjectedLoss.apply(
+        hidden,
+        student.weight,
+        bias,
+        student,
+        flat_teacher,
+        loss_fn,
+        chunk_size,
+        *teacher_tensors,
+    )
+    return values.reshape(lead)
+
+
+def _teacher_chunk(teacher: object, tensors: tuple[Tensor, ...], start: int, end: int) -> object:
+    if isinstance(teacher, ProjectedLogits):
+        with torch.no_grad():
+            return teacher.chunk(teacher.hidden[start:end], teacher.weight, teacher.bias)
+    if teacher is None:  # one tensor: full logits
+        return tensors[0][start:end]
+    return tuple(t[start:end] for t in tensors)
+
+
+class _ProjectedLoss(torch.autograd.Function):
+    """hidden [N, H], weight [V', H], bias [V'] → loss values [N], recomputed per chunk."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        student: ProjectedLogits,
+        teacher: object,
+        loss_fn: ChunkLoss,
+        chunk_size: int,
+        *teacher_tensors: Tensor,
+    ) -> Tensor:
+        n = hidden.shape[0]
+        pieces = []
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                end = min(n, start + chunk_size)
+                logits = student.chunk(hidden[start:end], weight, bias)
+                pieces.append(loss_fn(logits, _teacher_chunk(teacher, teacher_tensors, start, end)))
+        values = torch.cat(pieces) if pieces else hidden.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, bias, *teacher_tensors)
+        ctx.student, ctx.teacher, ctx.loss_fn, ctx.chunk_size = (
+            student,
+            teacher,
+            loss_fn,
+            chunk_size,
+        )
+        return values
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_values: Tensor) -> tuple:
+        hidden, weight, bias, *teacher_tensors = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        weight_leaf = weight.detach().requires_grad_(needs_weight)
+        bias_leaf = None if bias is None else bias.detach().requires_grad_(bool(needs_bias))
+        n = hidden.shape[0]
+        for start in range(0, n, ctx.chunk_size):
+            end = min(n, start + ctx.chunk_size)
+            with torch.enable_grad():
+                rows = hidden[start:end].detach().requires_grad_(needs_hidden)
+                logits = ctx.student.chunk(rows, weight_leaf, bias_leaf)
+                teacher = _teacher_chunk(ctx.teacher, tuple(teacher_tensors), start, end)
+                values = ctx.loss_fn(logits, teacher)
+                inputs = [
+                    t for t in (rows, weight_leaf, bias_leaf) if t is not None and t.requires_grad
+                ]
+                grads = torch.autograd.grad(
+                    values, inputs, grad_values[start:end].to(values.dtype), allow_unused=True
+                )
+            by_input = dict(zip((id(t) for t in inputs), grads, strict=True))
+            if needs_hidden and by_input.get(id(rows)) is not None:
+                grad_hidden[start:end] = by_input[id(rows)]
+            for leaf in (weight_leaf, bias_leaf):
+                grad = by_input.get(id(leaf)) if leaf is not None else None
+                if grad is not None:
+                    leaf.grad = grad if leaf.grad is None else leaf.grad.add_(grad)
+        return (
+            grad_hidden,
+            weight_leaf.grad if needs_weight else None,
+            bias_leaf.grad if bias_leaf is not None and needs_bias else None,
+            None,
+            None,
+            None,
+            None,
+            *(None for _ in teacher_tensors),
+        )
