@@ -16,6 +16,8 @@ from opdistill.rollout.base import (
     RolloutBackend,
     all_finished,
     finish_batch,
+    pure_generation_config,
+    sampling_generation_config,
     synced_generation,
 )
 from opdistill.tasks.base import Example
@@ -24,8 +26,10 @@ from opdistill.tasks.base import Example
 class HFGenerateRollout:
     """Sampling with transformers `generate` (KV cache, stop at EOS, left-padded prompts).
 
-    Pure ancestral sampling at `temperature` (no top-k/top-p), so the recorded sampler log-probs
-    are those of the distribution the tokens were drawn from.
+    Pure ancestral sampling at `temperature` (`sampling_generation_config`: none of the model's
+    own `generation_config` settings, such as a hub model's repetition penalty or min-p, apply),
+    so the samples are the student's and the recorded sampler log-probs are those of the
+    distribution the tokens were drawn from.
     """
 
     def __init__(
@@ -52,28 +56,26 @@ class HFGenerateRollout:
         prompt_ids, prompt_mask = self.prompts.batch(examples)
         was_training = self.model.training
         self.model.eval()
-        sampling = (
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        )
         # Columns of the logits past the tokenizer (padded embeddings) are never sampled.
         padded = range(len(tokenizer), self.model.get_output_embeddings().weight.shape[0])
-        if len(padded):
-            sampling["suppress_tokens"] = list(padded)
-        if synced_generation():
-            sampling["synced_gpus"] = True
-        output = self.model.generate(
-            input_ids=prompt_ids.to(device),
-            attention_mask=prompt_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+        config = sampling_generation_config(
+            max_new_tokens,
+            temperature,
+            greedy,
             eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            output_scores=self.record_logprobs,
-            return_dict_in_generate=True,
-            **sampling,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=padded,
         )
+        with pure_generation_config(self.model, config):
+            output = self.model.generate(
+                input_ids=prompt_ids.to(device),
+                attention_mask=prompt_mask.to(device),
+                generation_config=config,
+                use_cache=True,
+                output_scores=self.record_logprobs,
+                return_dict_in_generate=True,
+                synced_gpus=synced_generation(),
+            )
         self.model.train(was_training)
         response_ids = output.sequences[:, prompt_ids.shape[1] :]
         if self.record_logprobs:  # scores are the sampler's logits after temperature, per step
