@@ -62,6 +62,9 @@ CASES = {
         loss=LossConfig(kind="nll"), reward=RewardConfig(distill_weight=0.0, group_size=4)
     ),
     "sequence_reduction": dict(loss=LossConfig(kind="forward_kl", reduction="sequence")),
+    "sequence_reduction_tip": dict(
+        loss=LossConfig(kind="reverse_kl", reduction="sequence", tip=TIPConfig(mode="weighted"))
+    ),
 }
 
 
@@ -255,3 +258,57 @@ def test_top_k_teacher_scores_refuse_objectives_that_need_full_logits(kind):
     scores = topk_from_logits(teacher, batch.response_ids, 4)
     with pytest.raises(OpdistillError, match=rf"loss\.kind='{kind}' needs the teacher's full"):
         distillation_loss(_sparse_config(kind), student, scores, batch, 1.0)
+
+
+def test_sequence_reduction_with_token_weights_is_a_mean_of_sequence_means():
+    """`loss.reduction: sequence` with position weights: each sequence's weighted mean, then the
+    mean over the step's sequences (not the token-weighted mean of the whole micro-batch)."""
+    from opdistill.losses import position_weights
+    from opdistill.objectives import reduce_weighted
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    pw = PositionWeightsConfig(enabled=True)
+    weights = mask.float() * position_weights(mask, w_min=pw.w_min, tau=pw.tau, s=pw.s)
+    config = Config(loss=LossConfig(kind="forward_kl", reduction="sequence", position_weights=pw))
+    got = reduce_weighted(config, per_token, weights, mask, num_tokens=5, num_sequences=2)
+    first = (per_token[0] * weights[0]).sum() / weights[0].sum()
+    assert float(got) == pytest.approx(float((first + 10.0) / 2))
+    # Two micro-batches of one sequence each add up to the same step loss.
+    halves = sum(
+        reduce_weighted(config, per_token[i : i + 1], weights[i : i + 1], mask[i : i + 1], 5, 2)
+        for i in range(2)
+    )
+    assert float(halves) == pytest.approx(float(got))
+    token = Config(loss=LossConfig(kind="forward_kl", position_weights=pw))
+    assert float(reduce_weighted(token, per_token, weights, mask, 5, 2)) != pytest.approx(
+        float(got)
+    )
+
+
+def test_validation_loss_uses_the_loss_temperature(tmp_path, tokenizer, graph_task):
+    """DistiLLM's schedule compares the trained objective: the divergence at loss.temperature."""
+    from opdistill.batch import batch_logits, dataset_batch
+    from opdistill.losses import masked_token_sum
+
+    adaptive = AdaptiveSourceConfig(enabled=True, replay_size=8)
+    values = {}
+    for temperature in (1.0, 2.5):
+        config = config_for(tmp_path, "skew_forward_kl", adaptive_source=adaptive)
+        config.loss.temperature = temperature
+        trainer = make_trainer(config, tokenizer, graph_task)
+        values[temperature] = trainer.validation_loss()
+        held_out = [e for e in trainer.eval_examples if e.completion is not None]
+        batch = dataset_batch(tokenizer, held_out)
+        with torch.no_grad():
+            student = batch_logits(trainer.student, batch, len(tokenizer))
+            divergence = token_divergence(
+                student,
+                trainer.teacher.logits(batch),
+                "skew_forward_kl",
+                alpha=config.loss.alpha,
+                temperature=temperature,
+            )
+        expected = float(masked_token_sum(divergence, batch.response_mask)) / batch.num_tokens
+        assert values[temperature] == pytest.approx(expected, rel=1e-5)
+    assert values[1.0] != pytest.approx(values[2.5], rel=1e-3)

@@ -31,6 +31,7 @@ from opdistill.losses import (
     reduce_loss,
     reward_mixed_loss,
     sampled_token_loss,
+    sequence_mean,
     taid_loss,
     tip_weights,
     token_logprobs,
@@ -341,9 +342,12 @@ def reduce_weighted(
     """This micro-batch's share of the step loss.
 
     Without token weights: the configured reduction with global token / sequence counts, exact
-    under gradient accumulation and across processes. With weights (TIP, position weights), the
-    weighted mean Σ w·ℓ / Σ w over the micro-batch, scaled by its share of the step's tokens (exact
-    for one micro-batch; a token-weighted average of micro-batch means otherwise).
+    under gradient accumulation and across processes. With weights (TIP, position weights):
+    `loss.reduction: token` gives the weighted mean Σ w·ℓ / Σ w over the micro-batch, scaled by
+    its share of the step's tokens (exact for one micro-batch; a token-weighted average of
+    micro-batch means otherwise); `loss.reduction: sequence` gives each sequence's weighted mean
+    Σ_t w·ℓ / Σ_t w (0 for a sequence whose tokens all have weight 0), averaged over the step's
+    sequences (exact under accumulation and across processes).
     """
     if weights is None:
         return reduce_loss(
@@ -353,5 +357,7 @@ def reduce_weighted(
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
+    if config.loss.reduction == "sequence":
+        return sequence_mean(per_token, weights, num_sequences)
     share = float(mask.sum()) / max(1, num_tokens)
     return weighted_token_mean(per_token, weights) * share
