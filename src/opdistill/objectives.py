@@ -235,18 +235,21 @@ register(Objective("taid", _taid))
 def teacher_answer(config: Config) -> Answer | None:
     """The cheapest answer the run's steps need from the teacher (None: it is not asked).
 
-    Top-k log-probs when `loss.teacher_top_k` > 0; full logits where TIP reads the teacher's
-    distribution; otherwise the objective's own need (the response tokens' log-probs only for
-    `sampled_token`).
+    Full logits where TIP reads the teacher's distribution; otherwise the response tokens'
+    log-probs when that is all the objective reads (`sampled_token`, even with
+    `loss.teacher_top_k` > 0), top-k log-probs when `loss.teacher_top_k` > 0, and else the
+    objective's own need.
     """
     distills = config.loss.kind != "nll" and config.reward.distill_weight > 0
     if not distills and config.loss.tip.mode == "off":
         return None
-    if config.loss.teacher_top_k > 0:
-        return "topk"
     objective = objective_for(config)
     if config.loss.tip.mode != "off" or objective.teacher is None:
         return "logits"
+    if objective.teacher == "token_logprobs":
+        return "token_logprobs"
+    if config.loss.teacher_top_k > 0:
+        return "topk"
     return objective.teacher
 
 
