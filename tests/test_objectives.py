@@ -312,3 +312,94 @@ def test_validation_loss_uses_the_loss_temperature(tmp_path, tokenizer, graph_ta
         expected = float(masked_token_sum(divergence, batch.response_mask)) / batch.num_tokens
         assert values[temperature] == pytest.approx(expected, rel=1e-5)
     assert values[1.0] != pytest.approx(values[2.5], rel=1e-3)
+
+
+def _mixed_sample(tokenizer, graph_task, mix=0.5):
+    """A teacher-mixed rollout and both models' logits on it (the student's as a leaf)."""
+    from opdistill.batch import batch_logits
+    from opdistill.rollout import TeacherMixedRollout
+
+    student = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
+    teacher = tiny_llama(tokenizer, hidden_size=48, num_layers=1, num_heads=2, seed=1)
+    torch.manual_seed(0)
+    batch = TeacherMixedRollout(student, teacher, tokenizer, mix).generate(
+        graph_task.examples("train", 8), 6, temperature=1.0
+    )
+    with torch.no_grad():
+        student_logits = batch_logits(student.eval(), batch, len(tokenizer))
+        teacher_logits = batch_logits(teacher.eval(), batch, len(tokenizer))
+    return batch, student_logits.requires_grad_(), teacher_logits
+
+
+def _minillm_grad(config, batch, student_logits, teacher_logits):
+    loss = distillation_loss(config, student_logits, teacher_logits, batch, 1.0)
+    return torch.autograd.grad(loss[batch.response_mask.bool()].sum(), student_logits)[0]
+
+
+def _minillm_config(clip, temperature=1.0, mix=0.5):
+    minillm = MiniLLMConfig(teacher_mix=mix, clip=clip)
+    return Config(loss=LossConfig(kind="minillm", minillm=minillm, temperature=temperature))
+
+
+def test_minillm_ratio_is_taken_against_the_recorded_sampler(tokenizer, graph_task):
+    """With teacher-mixed samples the ratio q_θ/p̃ is far from 1, so the clip changes the gradient;
+    a clip too wide to act gives the unclipped importance-weighted gradient."""
+    from opdistill.losses import mixture_weights, token_logprobs
+
+    batch, student_logits, teacher_logits = _mixed_sample(tokenizer, graph_task)
+    mask = batch.response_mask.bool()
+    log_q = token_logprobs(student_logits.detach(), batch.response_ids)
+    log_p = token_logprobs(teacher_logits, batch.response_ids)
+    ratio = (log_q - batch.sampler_logprobs).exp()
+    torch.testing.assert_close(ratio[mask], mixture_weights(log_q, log_p, 0.5)[mask])
+    assert ((ratio[mask] < 0.8) | (ratio[mask] > 1.2)).any()
+    unclipped = _minillm_grad(_minillm_config(0.0), batch, student_logits, teacher_logits)
+    wide = _minillm_grad(_minillm_config(1e6), batch, student_logits, teacher_logits)
+    clipped = _minillm_grad(_minillm_config(0.2), batch, student_logits, teacher_logits)
+    torch.testing.assert_close(wide, unclipped)
+    assert not torch.allclose(clipped, unclipped, atol=1e-6)
+
+
+def test_minillm_weights_use_the_sampling_temperature(tokenizer, graph_task):
+    """At loss.temperature 2 the weights still compare with the distribution sampled at 1."""
+    from opdistill.losses import minillm_loss, mixture_weights, token_logprobs
+
+    batch, student_logits, teacher_logits = _mixed_sample(tokenizer, graph_task)
+    got = _minillm_grad(_minillm_config(0.0, 2.0), batch, student_logits, teacher_logits)
+
+    def grad_with(weights):
+        loss = minillm_loss(
+            student_logits,
+            teacher_logits,
+            batch.response_ids,
+            batch.response_mask,
+            importance_weights=weights,
+            temperature=2.0,
+        )
+        return torch.autograd.grad(loss[batch.response_mask.bool()].sum(), student_logits)[0]
+
+    log_q = token_logprobs(student_logits.detach(), batch.response_ids, temperature=2.0)
+    log_p = token_logprobs(teacher_logits, batch.response_ids, temperature=2.0)
+    torch.testing.assert_close(got, grad_with((log_q - batch.sampler_logprobs).exp()))
+    assert not torch.allclose(got, grad_with(mixture_weights(log_q, log_p, 0.5)), atol=1e-6)
+
+
+def test_minillm_clip_that_cannot_act_is_refused():
+    """Fresh samples of the student alone have ratio 1: a clip there would do nothing."""
+    with pytest.raises(OpdistillError, match="clip=0.2 has no effect with .*teacher_mix=0"):
+        validate_minillm(clip=0.2, teacher_mix=0.0)
+    validate_minillm(clip=0.2, teacher_mix=0.2)
+    validate_minillm(clip=0.2, teacher_mix=0.0, adaptive=True)
+    validate_minillm(clip=0.0, teacher_mix=0.0)
+
+
+def validate_minillm(clip, teacher_mix, adaptive=False):
+    from opdistill.config import validate
+
+    config = Config(
+        model=ModelConfig(student="s", teacher="t"),
+        loss=LossConfig(kind="minillm", minillm=MiniLLMConfig(teacher_mix=teacher_mix, clip=clip)),
+        train=TrainConfig(adaptive_source=AdaptiveSourceConfig(enabled=adaptive)),
+        data=DataConfig(eval_size=4),
+    )
+    validate(config)
