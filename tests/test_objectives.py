@@ -386,7 +386,7 @@ def test_minillm_weights_use_the_sampling_temperature(tokenizer, graph_task):
 
 def test_minillm_clip_that_cannot_act_is_refused():
     """Fresh samples of the student alone have ratio 1: a clip there would do nothing."""
-    with pytest.raises(OpdistillError, match="clip=0.2 has no effect with .*teacher_mix=0"):
+    with pytest.raises(OpdistillError, match=r"clip=0\.2 has no effect with .*teacher_mix=0"):
         validate_minillm(clip=0.2, teacher_mix=0.0)
     validate_minillm(clip=0.2, teacher_mix=0.2)
     validate_minillm(clip=0.2, teacher_mix=0.0, adaptive=True)

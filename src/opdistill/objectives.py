@@ -246,9 +246,7 @@ register(
 )
 register(Objective("vopd", _vopd, on_policy_only=True))
 register(
-    Objective(
-        "minillm", _minillm, on_policy_only=True, sampler_logprobs=True, check=_check_minillm
-    )
+    Objective("minillm", _minillm, on_policy_only=True, sampler_logprobs=True, check=_check_minillm)
 )
 register(Objective("taid", _taid))
 
