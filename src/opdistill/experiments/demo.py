@@ -6,7 +6,8 @@ For each task of the chosen suite:
    student by SFT; both are cached, so a second run skips this;
 3. train copies of the initial student with each method of the suite for the same number of steps,
    over several seeds;
-4. print one markdown table, write `results.json` and pass@k plots to the output directory.
+4. print one markdown table, write `results.json` and pass@k plots to the output directory
+   (`update_readme_results` puts the table into a README between its two markers).
 
 Suites: `default` (graph task; SFT, SeqKD, supervised KD, on-policy GKD with JSD(0.9) and reverse
 KL, mixed λ = 0.5) and `objectives` (graph and arithmetic tasks; every objective of
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill.config import Config, config_from_dict
+from opdistill.errors import OpdistillError
 from opdistill.eval import markdown_table, plot_pass_at_k, summarise, summarise_curves
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import write_atomic
@@ -306,6 +308,29 @@ def run_demo(
     header = {"suite": suite, "steps_per_method": steps, "seeds": seeds}
     header["settings"] = dataclasses.asdict(settings)
     return report_results(output_dir, header, per_seed, METRICS, HEADERS, plots, started)
+
+
+README_START = "<!-- demo-results:start -->"
+README_END = "<!-- demo-results:end -->"
+
+
+def update_readme_results(readme: Path, table: str) -> None:
+    """Put `table` into `readme` between its `README_START` and `README_END` lines.
+
+    Only the lines between the two markers are replaced, so no other table of the file can be
+    touched, whatever its rows are called; a file without exactly one pair of markers, in order,
+    is an error and stays as it is.
+    """
+    text = readme.read_text(encoding="utf-8")
+    starts, ends = text.count(README_START), text.count(README_END)
+    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+        raise OpdistillError(
+            f"{readme}: the demo's results go between one {README_START} line and one "
+            f"{README_END} line after it (found {starts} and {ends})"
+        )
+    head, rest = text.split(README_START)
+    tail = rest.split(README_END)[1]
+    write_atomic(readme, f"{head}{README_START}\n{table.rstrip()}\n{README_END}{tail}")
 
 
 def report_results(
