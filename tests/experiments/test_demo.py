@@ -107,7 +107,7 @@ def test_updating_the_readme_touches_only_the_marked_table(tmp_path):
     readme = tmp_path / "README.md"
     original = README.read_text(encoding="utf-8")
     readme.write_text(original, encoding="utf-8")
-    table = "| method | accuracy |\n|---|---:|\n| SFT | 0.123 ± 0.001 |\n| SeqKD | 0.456 ± 0.002 |\n"
+    table = "| method | accuracy |\n|---|---:|\n| SFT | 0.123 ± 0.001 |\n| SeqKD | 0.456 |\n"
     update_readme_results(readme, table)
     updated = readme.read_text(encoding="utf-8")
     assert method_config_rows(updated) == method_config_rows(original)
