@@ -37,6 +37,7 @@ from opdistill.config import Config, config_from_dict
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.eval.plots import plot_pass_at_k
 from opdistill.files import write_atomic
+from opdistill.losses import token_logprobs
 from opdistill.models.gguf import gguf_model_dir, is_gguf_spec
 from opdistill.models.loading import count_parameters, load_model, load_tokenizer, truncated_copy
 from opdistill.tasks import make_task
@@ -196,7 +197,7 @@ def reference_agreement(
         prompt_ids, prompt_mask = left_pad([chat_prompt(tokenizer, e.prompt) for e in chunk], pad)
         ids, mask = right_pad([completion_ids(tokenizer, e.completion) for e in chunk], pad)
         logits = sequence_logits(model, prompt_ids, prompt_mask, ids, mask, len(tokenizer))
-        logprobs = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1))[..., 0]
+        logprobs = token_logprobs(logits, ids)
         nll -= float((logprobs * mask).sum())
         tokens += int(mask.sum())
         first += logprobs[:, 0].exp().tolist()

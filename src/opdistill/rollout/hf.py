@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import Batch
+from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 from opdistill.rollout.base import (
     PromptCache,
     RolloutBackend,
@@ -81,7 +82,7 @@ class HFGenerateRollout:
         if self.record_logprobs:  # scores are the sampler's logits after temperature, per step
             token_logprobs = torch.stack(
                 [
-                    torch.log_softmax(score.float(), dim=-1).gather(-1, ids.unsqueeze(-1))[:, 0]
+                    gather_tokens(log_softmax_at(score, 1.0, torch.float32), ids)
                     for score, ids in zip(output.scores, response_ids.unbind(1), strict=True)
                 ],
                 dim=1,
@@ -151,8 +152,8 @@ class TeacherMixedRollout:
                     **inputs, attention_mask=mask, past_key_values=caches[index], use_cache=True
                 )
                 caches[index] = out.past_key_values
-                step_logits.append(out.logits[:, -1, :vocab].float() / temperature)
-            log_q, log_p = (torch.log_softmax(x, dim=-1) for x in step_logits)
+                step_logits.append(out.logits[:, -1, :vocab])
+            log_q, log_p = (log_softmax_at(x, temperature, torch.float32) for x in step_logits)
             log_mix = (
                 log_q if self.teacher_mix == 0 else torch.logaddexp(log_a + log_p, log_b + log_q)
             )
@@ -162,7 +163,7 @@ class TeacherMixedRollout:
                 chosen = torch.multinomial(log_mix.exp(), 1).squeeze(-1)
             chosen = chosen.masked_fill(finished, tokenizer.pad_token_id)
             tokens.append(chosen)
-            logprobs.append(log_mix.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
+            logprobs.append(gather_tokens(log_mix, chosen))
             finished |= chosen == tokenizer.eos_token_id
             if all_finished(finished, synced):
                 break
