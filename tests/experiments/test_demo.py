@@ -111,9 +111,10 @@ def test_updating_the_readme_touches_only_the_marked_table(tmp_path):
     update_readme_results(readme, table)
     updated = readme.read_text(encoding="utf-8")
     assert method_config_rows(updated) == method_config_rows(original)
-    marked = updated.split(README_START)[1].split(README_END)[0]
-    assert marked == "\n" + table
-    head, tail = original.split(README_START)[0], original.split(README_END)[1]
+    marked = updated.split(f"\n{README_START}\n")[1].split(f"\n{README_END}\n")[0]
+    assert marked + "\n" == table
+    head = original.split(f"\n{README_START}\n")[0]
+    tail = original.split(f"\n{README_END}\n")[1]
     assert updated.startswith(head) and updated.endswith(tail)
     update_readme_results(readme, table)  # idempotent
     assert readme.read_text(encoding="utf-8") == updated

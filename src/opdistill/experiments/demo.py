@@ -315,22 +315,23 @@ README_END = "<!-- demo-results:end -->"
 
 
 def update_readme_results(readme: Path, table: str) -> None:
-    """Put `table` into `readme` between its `README_START` and `README_END` lines.
+    """Put `table` into `readme` between its `README_START` and `README_END` lines (lines that
+    hold only the marker).
 
     Only the lines between the two markers are replaced, so no other table of the file can be
     touched, whatever its rows are called; a file without exactly one pair of markers, in order,
     is an error and stays as it is.
     """
-    text = readme.read_text(encoding="utf-8")
-    starts, ends = text.count(README_START), text.count(README_END)
-    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+    lines = readme.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == README_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == README_END]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
         raise OpdistillError(
             f"{readme}: the demo's results go between one {README_START} line and one "
-            f"{README_END} line after it (found {starts} and {ends})"
+            f"{README_END} line after it (found {len(starts)} and {len(ends)})"
         )
-    head, rest = text.split(README_START)
-    tail = rest.split(README_END)[1]
-    write_atomic(readme, f"{head}{README_START}\n{table.rstrip()}\n{README_END}{tail}")
+    body = table.rstrip("\n") + "\n"
+    write_atomic(readme, "".join([*lines[: starts[0] + 1], body, *lines[ends[0] :]]))
 
 
 def report_results(
