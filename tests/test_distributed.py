@@ -14,9 +14,10 @@ import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from opdistill.checkpoint import Checkpoints
 from opdistill.cli import main
 from opdistill.errors import OpdistillError
-from opdistill.models.loading import tiny_llama
+from opdistill.models.loading import load_model, tiny_llama
 from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout
 from opdistill.rollout import base as rollout_base
 from opdistill.rollout import hf as rollout_hf
@@ -180,6 +181,17 @@ def test_two_process_on_policy_run_checkpoints_and_resumes(tmp_path, saved_pair,
     assert all((p / "COMPLETE").exists() for p in checkpoints.iterdir())
     assert (output / "final" / "model.safetensors").exists()
     assert len(list((output / "tensorboard").iterdir())) == 1  # the main process logs
+    # Each process drew its own random numbers, and the checkpoint holds both states.
+    saved = {}
+
+    class Recorder:
+        def load_state_dict(self, state):
+            saved.update(state)
+
+    student = load_model(str(saved_pair / "student"), "float32")
+    Checkpoints(checkpoints).restore_latest(student, {"rng": Recorder()})
+    first, second = saved["processes"]
+    assert not torch.equal(first["torch"], second["torch"])
 
     launch_two(tmp_path, config, "--resume", "--set", "train.steps=3")
     records = train_records(output)

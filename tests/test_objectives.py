@@ -62,6 +62,9 @@ CASES = {
         loss=LossConfig(kind="nll"), reward=RewardConfig(distill_weight=0.0, group_size=4)
     ),
     "sequence_reduction": dict(loss=LossConfig(kind="forward_kl", reduction="sequence")),
+    "sequence_reduction_tip": dict(
+        loss=LossConfig(kind="reverse_kl", reduction="sequence", tip=TIPConfig(mode="weighted"))
+    ),
 }
 
 
@@ -255,3 +258,148 @@ def test_top_k_teacher_scores_refuse_objectives_that_need_full_logits(kind):
     scores = topk_from_logits(teacher, batch.response_ids, 4)
     with pytest.raises(OpdistillError, match=rf"loss\.kind='{kind}' needs the teacher's full"):
         distillation_loss(_sparse_config(kind), student, scores, batch, 1.0)
+
+
+def test_sequence_reduction_with_token_weights_is_a_mean_of_sequence_means():
+    """`loss.reduction: sequence` with position weights: each sequence's weighted mean, then the
+    mean over the step's sequences (not the token-weighted mean of the whole micro-batch)."""
+    from opdistill.losses import position_weights
+    from opdistill.objectives import reduce_weighted
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    pw = PositionWeightsConfig(enabled=True)
+    weights = mask.float() * position_weights(mask, w_min=pw.w_min, tau=pw.tau, s=pw.s)
+    config = Config(loss=LossConfig(kind="forward_kl", reduction="sequence", position_weights=pw))
+    got = reduce_weighted(config, per_token, weights, mask, num_tokens=5, num_sequences=2)
+    first = (per_token[0] * weights[0]).sum() / weights[0].sum()
+    assert float(got) == pytest.approx(float((first + 10.0) / 2))
+    # Two micro-batches of one sequence each add up to the same step loss.
+    halves = sum(
+        reduce_weighted(config, per_token[i : i + 1], weights[i : i + 1], mask[i : i + 1], 5, 2)
+        for i in range(2)
+    )
+    assert float(halves) == pytest.approx(float(got))
+    token = Config(loss=LossConfig(kind="forward_kl", position_weights=pw))
+    assert float(reduce_weighted(token, per_token, weights, mask, 5, 2)) != pytest.approx(
+        float(got)
+    )
+
+
+def test_validation_loss_uses_the_loss_temperature(tmp_path, tokenizer, graph_task):
+    """DistiLLM's schedule compares the trained objective: the divergence at loss.temperature."""
+    from opdistill.batch import batch_logits, dataset_batch
+    from opdistill.losses import masked_token_sum
+
+    adaptive = AdaptiveSourceConfig(enabled=True, replay_size=8)
+    values = {}
+    for temperature in (1.0, 2.5):
+        config = config_for(tmp_path, "skew_forward_kl", adaptive_source=adaptive)
+        config.loss.temperature = temperature
+        trainer = make_trainer(config, tokenizer, graph_task)
+        values[temperature] = trainer.validation_loss()
+        held_out = [e for e in trainer.eval_examples if e.completion is not None]
+        batch = dataset_batch(tokenizer, held_out)
+        with torch.no_grad():
+            student = batch_logits(trainer.student, batch, len(tokenizer))
+            divergence = token_divergence(
+                student,
+                trainer.teacher.logits(batch),
+                "skew_forward_kl",
+                alpha=config.loss.alpha,
+                temperature=temperature,
+            )
+        expected = float(masked_token_sum(divergence, batch.response_mask)) / batch.num_tokens
+        assert values[temperature] == pytest.approx(expected, rel=1e-5)
+    assert values[1.0] != pytest.approx(values[2.5], rel=1e-3)
+
+
+def _mixed_sample(tokenizer, graph_task, mix=0.5):
+    """A teacher-mixed rollout and both models' logits on it (the student's as a leaf)."""
+    from opdistill.batch import batch_logits
+    from opdistill.rollout import TeacherMixedRollout
+
+    student = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
+    teacher = tiny_llama(tokenizer, hidden_size=48, num_layers=1, num_heads=2, seed=1)
+    torch.manual_seed(0)
+    batch = TeacherMixedRollout(student, teacher, tokenizer, mix).generate(
+        graph_task.examples("train", 8), 6, temperature=1.0
+    )
+    with torch.no_grad():
+        student_logits = batch_logits(student.eval(), batch, len(tokenizer))
+        teacher_logits = batch_logits(teacher.eval(), batch, len(tokenizer))
+    return batch, student_logits.requires_grad_(), teacher_logits
+
+
+def _minillm_grad(config, batch, student_logits, teacher_logits):
+    loss = distillation_loss(config, student_logits, teacher_logits, batch, 1.0)
+    return torch.autograd.grad(loss[batch.response_mask.bool()].sum(), student_logits)[0]
+
+
+def _minillm_config(clip, temperature=1.0, mix=0.5):
+    minillm = MiniLLMConfig(teacher_mix=mix, clip=clip)
+    return Config(loss=LossConfig(kind="minillm", minillm=minillm, temperature=temperature))
+
+
+def test_minillm_ratio_is_taken_against_the_recorded_sampler(tokenizer, graph_task):
+    """With teacher-mixed samples the ratio q_θ/p̃ is far from 1, so the clip changes the gradient;
+    a clip too wide to act gives the unclipped importance-weighted gradient."""
+    from opdistill.losses import mixture_weights, token_logprobs
+
+    batch, student_logits, teacher_logits = _mixed_sample(tokenizer, graph_task)
+    mask = batch.response_mask.bool()
+    log_q = token_logprobs(student_logits.detach(), batch.response_ids)
+    log_p = token_logprobs(teacher_logits, batch.response_ids)
+    ratio = (log_q - batch.sampler_logprobs).exp()
+    torch.testing.assert_close(ratio[mask], mixture_weights(log_q, log_p, 0.5)[mask])
+    assert ((ratio[mask] < 0.8) | (ratio[mask] > 1.2)).any()
+    unclipped = _minillm_grad(_minillm_config(0.0), batch, student_logits, teacher_logits)
+    wide = _minillm_grad(_minillm_config(1e6), batch, student_logits, teacher_logits)
+    clipped = _minillm_grad(_minillm_config(0.2), batch, student_logits, teacher_logits)
+    torch.testing.assert_close(wide, unclipped)
+    assert not torch.allclose(clipped, unclipped, atol=1e-6)
+
+
+def test_minillm_weights_use_the_sampling_temperature(tokenizer, graph_task):
+    """At loss.temperature 2 the weights still compare with the distribution sampled at 1."""
+    from opdistill.losses import minillm_loss, mixture_weights, token_logprobs
+
+    batch, student_logits, teacher_logits = _mixed_sample(tokenizer, graph_task)
+    got = _minillm_grad(_minillm_config(0.0, 2.0), batch, student_logits, teacher_logits)
+
+    def grad_with(weights):
+        loss = minillm_loss(
+            student_logits,
+            teacher_logits,
+            batch.response_ids,
+            batch.response_mask,
+            importance_weights=weights,
+            temperature=2.0,
+        )
+        return torch.autograd.grad(loss[batch.response_mask.bool()].sum(), student_logits)[0]
+
+    log_q = token_logprobs(student_logits.detach(), batch.response_ids, temperature=2.0)
+    log_p = token_logprobs(teacher_logits, batch.response_ids, temperature=2.0)
+    torch.testing.assert_close(got, grad_with((log_q - batch.sampler_logprobs).exp()))
+    assert not torch.allclose(got, grad_with(mixture_weights(log_q, log_p, 0.5)), atol=1e-6)
+
+
+def test_minillm_clip_that_cannot_act_is_refused():
+    """Fresh samples of the student alone have ratio 1: a clip there would do nothing."""
+    with pytest.raises(OpdistillError, match=r"clip=0\.2 has no effect with .*teacher_mix=0"):
+        validate_minillm(clip=0.2, teacher_mix=0.0)
+    validate_minillm(clip=0.2, teacher_mix=0.2)
+    validate_minillm(clip=0.2, teacher_mix=0.0, adaptive=True)
+    validate_minillm(clip=0.0, teacher_mix=0.0)
+
+
+def validate_minillm(clip, teacher_mix, adaptive=False):
+    from opdistill.config import validate
+
+    config = Config(
+        model=ModelConfig(student="s", teacher="t"),
+        loss=LossConfig(kind="minillm", minillm=MiniLLMConfig(teacher_mix=teacher_mix, clip=clip)),
+        train=TrainConfig(adaptive_source=AdaptiveSourceConfig(enabled=adaptive)),
+        data=DataConfig(eval_size=4),
+    )
+    validate(config)

@@ -24,7 +24,8 @@ def validation_loss(
     examples: Sequence[Example],
     device: torch.device,
 ) -> float:
-    """The distillation divergence on held-out reference completions (token mean).
+    """The distillation divergence on held-out reference completions (token mean), at the
+    trained objective's `loss.temperature`.
 
     Objectives that are not a token divergence (vOPD, MiniLLM, ...) are measured with reverse KL;
     `nll` with NLL.
@@ -40,7 +41,7 @@ def validation_loss(
         batch = dataset_batch(tokenizer, held_out[start : start + size]).to(device)
         logits = batch_logits(student, batch, len(tokenizer))
         if kind == "nll":
-            values = token_nll(logits, batch.response_ids)
+            values = token_nll(logits, batch.response_ids, temperature=config.loss.temperature)
         else:
             values = token_divergence(
                 logits,
@@ -48,6 +49,7 @@ def validation_loss(
                 kind,
                 beta=config.loss.beta,
                 alpha=config.loss.alpha,
+                temperature=config.loss.temperature,
             )
         total += float(masked_token_sum(values, batch.response_mask))
         count += batch.num_tokens

@@ -4,7 +4,7 @@ A checkpoint `step-NNNNNNNN/` holds
 
     model/              the student (`save_pretrained`; a LoRA student: its adapters) + tokenizer
     trainer_state.pt    {name: state_dict()} of every stateful object (optimizer, schedules,
-                        data position, RNGs, ...)
+                        data position, the RNGs of every process and device, ...)
     NAME.safetensors    the weights of each extra network (a frozen or EMA teacher copy, ...)
     COMPLETE            written last; a directory without it is torn and never read
 
@@ -18,12 +18,14 @@ from __future__ import annotations
 import random
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -43,32 +45,107 @@ class Stateful(Protocol):
 
 
 class RandomState:
-    """The global RNGs (Python, NumPy, torch) and named private generators, as one state."""
+    """Every random number generator of a run, as one plain-data state (ints, lists, tensors).
 
-    def __init__(self, **generators: random.Random | torch.Generator):
-        self.generators = generators
+    Per process: Python's, NumPy's and torch's global generators, torch's generator on every
+    CUDA (and MPS) device, and the named private `generators`. In a multi-process run every
+    process draws its own numbers (`seed` offsets the seed by the process index), so a checkpoint
+    holds one state per process: `gather` collects them on every process before the main process
+    saves, and `load_state_dict` gives each process its own.
+    """
 
-    def state_dict(self) -> dict[str, Any]:
+    def __init__(
+        self,
+        generators: Mapping[str, random.Random | torch.Generator] | None = None,
+        *,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        self.generators = dict(generators or {})
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self._gathered: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def seed(seed: int, process_index: int = 0) -> int:
+        """Seed every global generator (all devices) of this process with `seed` + its index."""
+        process_seed = seed + process_index
+        set_seed(process_seed)
+        return process_seed
+
+    def local_state(self) -> dict[str, Any]:
+        """This process's generators as plain data."""
+        version, state, gauss = random.getstate()
+        name, keys, position, has_gauss, cached = np.random.get_state()
         return {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "python": [version, list(state), gauss],
+            "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": [torch.mps.get_rng_state()] if torch.backends.mps.is_available() else [],
             "generators": {
-                name: g.getstate() if isinstance(g, random.Random) else g.get_state()
-                for name, g in self.generators.items()
+                name: _generator_state(generator) for name, generator in self.generators.items()
             },
         }
 
+    def gather(self) -> None:
+        """Collect every process's state (call on every process before saving)."""
+        local = self.local_state()
+        if self.num_processes == 1:
+            self._gathered = [local]
+            return
+        self._gathered = list(gather_object([local]))
+
+    def state_dict(self) -> dict[str, Any]:
+        processes = self._gathered if self._gathered is not None else [self.local_state()]
+        self._gathered = None
+        return {"processes": processes}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
+        processes = state.get("processes", [state])  # older checkpoints: one process
+        if len(processes) != self.num_processes:
+            warnings.warn(
+                f"the checkpoint holds the random state of {len(processes)} processes and this "
+                f"run has {self.num_processes}: processes without a saved state keep their seed",
+                stacklevel=2,
+            )
+        if self.process_index >= len(processes):
+            return
+        saved = processes[self.process_index]
+        version, python_state, gauss = saved["python"]
+        random.setstate((version, tuple(python_state), gauss))
+        name, keys, position, has_gauss, cached = saved["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(saved["torch"])
+        cuda = saved.get("cuda", [])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        mps = saved.get("mps", [])
+        if mps and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(mps[0])
         for name, generator in self.generators.items():
-            saved = state["generators"][name]
+            saved_generator = saved["generators"][name]
             if isinstance(generator, random.Random):
-                generator.setstate(saved)
+                version, inner, gauss = saved_generator
+                generator.setstate((version, tuple(inner), gauss))
             else:
-                generator.set_state(saved)
+                generator.set_state(saved_generator)
+
+
+def _generator_state(generator: random.Random | torch.Generator) -> Any:
+    if isinstance(generator, random.Random):
+        version, state, gauss = generator.getstate()
+        return [version, list(state), gauss]
+    return generator.get_state()
+
+
+@contextmanager
+def forked_rng() -> Iterator[None]:
+    """Within the block the global generators of the CPU and of every CUDA device may be reseeded
+    and used; on leaving, all of them are as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 class Checkpoints:

@@ -160,7 +160,7 @@ def _serve_teacher(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from opdistill.experiments.demo import default_cache_dir, run_demo
+    from opdistill.experiments.demo import default_cache_dir, run_demo, update_readme_results
 
     output_dir = args.output_dir or (
         "runs/demo" if args.suite == "default" else f"runs/demo-{args.suite}"
@@ -171,7 +171,7 @@ def _demo(args: argparse.Namespace) -> None:
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
         run_self_distill_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
         return
-    run_demo(
+    results = run_demo(
         output_dir=Path(output_dir),
         suite=args.suite,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
@@ -180,6 +180,8 @@ def _demo(args: argparse.Namespace) -> None:
         prepare_only=args.prepare_only,
         quick=args.quick,
     )
+    if args.update_readme and results:
+        update_readme_results(Path(args.update_readme), results["table"])
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -246,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $OPDISTILL_CACHE or ~/.cache/opdistill)",
     )
     demo.add_argument("--seeds", type=int, default=3)
+    demo.add_argument(
+        "--update-readme",
+        metavar="PATH",
+        help="write the results table into PATH between its <!-- demo-results:start --> and "
+        "<!-- demo-results:end --> lines (nothing else in the file changes)",
+    )
     demo.add_argument("--steps", type=int, default=None, help="steps per method")
     demo.add_argument(
         "--prepare-only",

@@ -25,12 +25,12 @@ from opdistill.losses import (
     DIVERGENCE_KINDS,
     chunked_token_divergence,
     minillm_loss,
-    mixture_weights,
     policy_gradient_loss,
     position_weights,
     reduce_loss,
     reward_mixed_loss,
     sampled_token_loss,
+    sequence_mean,
     taid_loss,
     tip_weights,
     token_divergence,
@@ -213,26 +213,44 @@ def _vopd(x: LossInputs) -> Tensor:
 
 
 def _minillm(x: LossInputs) -> Tensor:
+    """MiniLLM with the importance ratio ρ_t = q_θ(y_t) / p_s(y_t) against the distribution the
+    tokens were drawn from, recorded at sampling time (p_s: the teacher–student mixture p̃ at
+    `train.temperature`, or the student that sampled them). Without a clip ρ weights the policy
+    gradient (MiniLLM's Q/p̃ weight); with `clip` = ε it is clipped PPO-style to [1−ε, 1+ε]."""
     lc, batch = x.loss, x.batch
     student_lp = token_logprobs(x.student_logits, batch.response_ids, temperature=lc.temperature)
-    teacher_lp = _teacher_token_logprobs(x)
     sampler_lp = batch.sampler_logprobs
-    mix = lc.minillm.teacher_mix
-    weights = mixture_weights(student_lp.detach(), teacher_lp, mix) if mix > 0 else None
-    # PPO clip compares with the student at sampling time; with a mixed sampler the recorded
-    # log-probs are the mixture's, so the ratio is taken against the detached student.
-    old = sampler_lp if (mix == 0 and sampler_lp is not None) else student_lp.detach()
+    sampler_lp = student_lp.detach() if sampler_lp is None else sampler_lp
+    clip = lc.minillm.clip
     return minillm_loss(
         x.student_logits,
         x.teacher,
         batch.response_ids,
         batch.response_mask,
         length_norm=lc.minillm.length_norm,
-        importance_weights=weights,
-        old_logprobs=old,
-        clip=lc.minillm.clip,
+        importance_weights=None if clip > 0 else (student_lp.detach() - sampler_lp).exp(),
+        old_logprobs=sampler_lp if clip > 0 else None,
+        clip=clip,
         temperature=lc.temperature,
     )
+
+
+def _check_minillm(config: Config) -> None:
+    """Refuse a clip that can never act: fresh samples of the student itself, scored before the
+    weights change and at the sampling temperature, have ratio 1 exactly."""
+    mm, train = config.loss.minillm, config.train
+    if (
+        mm.clip > 0
+        and mm.teacher_mix == 0
+        and not train.adaptive_source.enabled
+        and train.temperature == config.loss.temperature
+    ):
+        raise OpdistillError(
+            f"loss.minillm.clip={mm.clip} has no effect with loss.minillm.teacher_mix=0: every "
+            "token is scored by the student that just sampled it (ratio 1); set teacher_mix > 0 "
+            "(the ratio is then taken against the mixture), enable train.adaptive_source "
+            "(replayed samples), or set clip: 0"
+        )
 
 
 def _taid(x: LossInputs) -> Tensor:
@@ -264,25 +282,30 @@ register(
     )
 )
 register(Objective("vopd", _vopd, on_policy_only=True))
-register(Objective("minillm", _minillm, on_policy_only=True, sampler_logprobs=True))
+register(
+    Objective("minillm", _minillm, on_policy_only=True, sampler_logprobs=True, check=_check_minillm)
+)
 register(Objective("taid", _taid))
 
 
 def teacher_answer(config: Config) -> Answer | None:
     """The cheapest answer the run's steps need from the teacher (None: it is not asked).
 
-    Top-k log-probs when `loss.teacher_top_k` > 0; full logits where TIP reads the teacher's
-    distribution; otherwise the objective's own need (the response tokens' log-probs only for
-    `sampled_token`).
+    Full logits where TIP reads the teacher's distribution; otherwise the response tokens'
+    log-probs when that is all the objective reads (`sampled_token`, even with
+    `loss.teacher_top_k` > 0), top-k log-probs when `loss.teacher_top_k` > 0, and else the
+    objective's own need.
     """
     distills = config.loss.kind != "nll" and config.reward.distill_weight > 0
     if not distills and config.loss.tip.mode == "off":
         return None
-    if config.loss.teacher_top_k > 0:
-        return "topk"
     objective = objective_for(config)
     if config.loss.tip.mode != "off" or objective.teacher is None:
         return "logits"
+    if objective.teacher == "token_logprobs":
+        return "token_logprobs"
+    if config.loss.teacher_top_k > 0:
+        return "topk"
     return objective.teacher
 
 
@@ -378,9 +401,12 @@ def reduce_weighted(
     """This micro-batch's share of the step loss.
 
     Without token weights: the configured reduction with global token / sequence counts, exact
-    under gradient accumulation and across processes. With weights (TIP, position weights), the
-    weighted mean Σ w·ℓ / Σ w over the micro-batch, scaled by its share of the step's tokens (exact
-    for one micro-batch; a token-weighted average of micro-batch means otherwise).
+    under gradient accumulation and across processes. With weights (TIP, position weights):
+    `loss.reduction: token` gives the weighted mean Σ w·ℓ / Σ w over the micro-batch, scaled by
+    its share of the step's tokens (exact for one micro-batch; a token-weighted average of
+    micro-batch means otherwise); `loss.reduction: sequence` gives each sequence's weighted mean
+    Σ_t w·ℓ / Σ_t w (0 for a sequence whose tokens all have weight 0), averaged over the step's
+    sequences (exact under accumulation and across processes).
     """
     if weights is None:
         return reduce_loss(
@@ -390,5 +416,7 @@ def reduce_weighted(
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
+    if config.loss.reduction == "sequence":
+        return sequence_mean(per_token, weights, num_sequences)
     share = float(mask.sum()) / max(1, num_tokens)
     return weighted_token_mean(per_token, weights) * share

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
@@ -102,7 +102,8 @@ class Trainer:
         # scheduler once per process at every optimizer step.
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False)
         _check_launch(self.accelerator)
-        set_seed(tc.seed)
+        rank = self.accelerator.process_index
+        RandomState.seed(tc.seed, rank)  # each process draws its own samples
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.task = task
@@ -184,7 +185,12 @@ class Trainer:
             if adaptive.enabled
             else None
         )
-        self.token_generator = torch.Generator().manual_seed(tc.seed)
+        self.token_generator = torch.Generator().manual_seed(tc.seed + rank)
+        self.random_state = RandomState(
+            {"coin": self.coin, "token_generator": self.token_generator},
+            process_index=rank,
+            num_processes=self.accelerator.num_processes,
+        )
         # Logits formed per chunk need the student's plain linear head, and a whole model here.
         sharded = self.accelerator.distributed_type in (
             DistributedType.FSDP,
@@ -506,7 +512,7 @@ class Trainer:
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "stream": self.stream,
-            "rng": RandomState(coin=self.coin, token_generator=self.token_generator),
+            "rng": self.random_state,
             "taid": self.taid,
             "replay": self.replay,
             "teacher": self.teacher,
@@ -519,6 +525,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """The training state after this step, written atomically (see `opdistill.checkpoint`)."""
         self.accelerator.wait_for_everyone()
+        self.random_state.gather()  # every process's RNG state, on every process
         if self.accelerator.is_main_process:
             path = self.checkpoints.save(
                 self.step_count,

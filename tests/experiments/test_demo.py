@@ -1,9 +1,18 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from opdistill.cli import main
-from opdistill.experiments.demo import METHODS, OBJECTIVES
+from opdistill.errors import OpdistillError
+from opdistill.experiments.demo import (
+    METHODS,
+    OBJECTIVES,
+    README_END,
+    README_START,
+    update_readme_results,
+)
 from opdistill.experiments.self_distill import SelfDistillSettings, methods
 
 
@@ -64,3 +73,56 @@ def test_quick_self_distill_suite(tmp_path, capsys):
     for plot in ("pass_at_k.png", "pass_at_k_ood.png"):
         assert (out / plot).stat().st_size > 1000
     assert "| self-distill, uniform distinct demo |" in capsys.readouterr().out
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def method_config_rows(text):
+    """The rows of the README's `| method | config | example |` table."""
+    lines = text.splitlines()
+    start = lines.index("| method | config | example |")
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_method_row_of_the_readme_names_an_existing_example():
+    root = README.parent
+    rows = method_config_rows(README.read_text(encoding="utf-8"))
+    assert len(rows) >= 10
+    for row in rows:
+        assert len(row) == 3, row
+        paths = re.findall(r"`(examples/[^`]+\.yaml)`", row[2])
+        assert paths, f"row {row[0]!r} names no example file"
+        for path in paths:
+            assert list(root.glob(path)), f"row {row[0]!r}: {path} does not exist"
+
+
+def test_updating_the_readme_touches_only_the_marked_table(tmp_path):
+    """Rows of other tables named like the demo's methods (SFT, SeqKD) stay as they are."""
+    readme = tmp_path / "README.md"
+    original = README.read_text(encoding="utf-8")
+    readme.write_text(original, encoding="utf-8")
+    table = "| method | accuracy |\n|---|---:|\n| SFT | 0.123 ± 0.001 |\n| SeqKD | 0.456 |\n"
+    update_readme_results(readme, table)
+    updated = readme.read_text(encoding="utf-8")
+    assert method_config_rows(updated) == method_config_rows(original)
+    marked = updated.split(f"\n{README_START}\n")[1].split(f"\n{README_END}\n")[0]
+    assert marked + "\n" == table
+    head = original.split(f"\n{README_START}\n")[0]
+    tail = original.split(f"\n{README_END}\n")[1]
+    assert updated.startswith(head) and updated.endswith(tail)
+    update_readme_results(readme, table)  # idempotent
+    assert readme.read_text(encoding="utf-8") == updated
+
+
+def test_a_readme_without_markers_is_left_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("| SFT | `nll` | `examples/sft.yaml` |\n", encoding="utf-8")
+    with pytest.raises(OpdistillError, match="demo-results:start"):
+        update_readme_results(readme, "| SFT | 1.0 |\n")
+    assert readme.read_text(encoding="utf-8") == "| SFT | `nll` | `examples/sft.yaml` |\n"

@@ -154,21 +154,21 @@ def test_schedule_hand_computation_three_updates() -> None:
     t_target = t0 + (1 - t0) * 1 / total
     t = min(1.0, max(t_target, t0 + alpha * _sigmoid(0.0) * (1 - t0)))
     assert sched.update(1, losses[0]) == pytest.approx(t, abs=1e-15)
-    assert sched.momentum == 0.0
+    assert sched.state_dict()["momentum"] == 0.0
 
     # Update 2: m = (1 − β)(2.0 − 1.5)/2.0.
     m = (1 - beta) * (2.0 - 1.5) / 2.0
     t_target = t0 + (1 - t0) * 2 / total
     t = min(1.0, max(t_target, t + alpha * _sigmoid(m) * (1 - t)))
     assert sched.update(2, losses[1]) == pytest.approx(t, abs=1e-15)
-    assert sched.momentum == pytest.approx(m, abs=1e-15)
+    assert sched.state_dict()["momentum"] == pytest.approx(m, abs=1e-15)
 
     # Update 3: the loss rose, so the momentum term shrinks.
     m = beta * m + (1 - beta) * (1.5 - 1.8) / 1.5
     t_target = t0 + (1 - t0) * 3 / total
     t = min(1.0, max(t_target, t + alpha * _sigmoid(m) * (1 - t)))
     assert sched.update(3, losses[2]) == pytest.approx(t, abs=1e-15)
-    assert sched.momentum == pytest.approx(m, abs=1e-15)
+    assert sched.state_dict()["momentum"] == pytest.approx(m, abs=1e-15)
     assert sched.t == pytest.approx(t, abs=1e-15)
 
 
@@ -206,7 +206,7 @@ def test_schedule_adaptive_term_faster_when_loss_falls() -> None:
     for step in range(1, 6):
         falling.update(step, 10.0 / step)
         rising.update(step, 1.0 * step)
-    assert falling.momentum > 0 > rising.momentum
+    assert falling.state_dict()["momentum"] > 0 > rising.state_dict()["momentum"]
     assert falling.t > rising.t
 
 
@@ -214,10 +214,10 @@ def test_schedule_zero_and_non_finite_losses_are_guarded() -> None:
     sched = TaidSchedule(100, alpha=0.01)
     sched.update(1, 0.0)
     sched.update(2, 1.0)  # ℓ_prev = 0: momentum unchanged
-    assert sched.momentum == 0.0
+    assert sched.state_dict()["momentum"] == 0.0
     sched.update(3, float("nan"))  # ignored for the momentum and not stored
     sched.update(4, 0.5)
-    assert sched.momentum == pytest.approx(0.01 * (1.0 - 0.5) / 1.0)
+    assert sched.state_dict()["momentum"] == pytest.approx(0.01 * (1.0 - 0.5) / 1.0)
     assert math.isfinite(sched.t)
 
 
@@ -232,7 +232,7 @@ def test_schedule_state_round_trip_resumes_exactly() -> None:
 
     resumed = TaidSchedule(20, alpha=0.02, beta=0.8)
     resumed.load_state_dict(state)
-    assert (resumed.t, resumed.momentum) == (ref.t, ref.momentum)
+    assert (resumed.t, resumed.state_dict()["momentum"]) == (ref.t, ref.state_dict()["momentum"])
     for step, loss in enumerate(losses[4:], start=5):
         assert resumed.update(step, loss) == ref.update(step, loss)
 

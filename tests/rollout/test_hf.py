@@ -88,3 +88,59 @@ def test_rollout_without_logprobs_samples_the_same_tokens(tokenizer, graph_task)
         batches.append(HFGenerateRollout(model, tokenizer, record).generate(examples, 5))
     assert torch.equal(batches[0].response_ids, batches[1].response_ids)
     assert batches[0].sampler_logprobs is not None and batches[1].sampler_logprobs is None
+
+
+def hub_style_settings(tokenizer):
+    """A `generation_config` like the ones hub models ship: every field changes the sampling."""
+    banned = [tokenizer.convert_tokens_to_ids(t) for t in ("A", "B")]
+    return {
+        "repetition_penalty": 3.0,
+        "min_p": 0.3,
+        "no_repeat_ngram_size": 1,
+        "typical_p": 0.2,
+        "top_k": 3,
+        "top_p": 0.5,
+        "bad_words_ids": [[i] for i in banned if i != tokenizer.unk_token_id],
+        "min_new_tokens": 4,
+        "temperature": 0.3,
+        "do_sample": False,
+    }
+
+
+def test_rollouts_ignore_the_models_generation_config(tokenizer, graph_task):
+    """Samples and recorded log-probs are those of pure sampling from the model's softmax,
+    whatever the model's own `generation_config` says; greedy picks the argmax."""
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=4)
+    for key, value in hub_style_settings(tokenizer).items():
+        setattr(model.generation_config, key, value)
+    saved = model.generation_config.to_dict()
+    examples = graph_task.examples("eval", 6)
+    rollout = HFGenerateRollout(model, tokenizer)
+    torch.manual_seed(0)
+    batch = rollout.generate(examples, max_new_tokens=6, temperature=0.7)
+    assert model.generation_config.to_dict() == saved  # restored afterwards
+    with torch.no_grad():
+        logits = batch_logits(model.eval(), batch, len(tokenizer))
+    mask = batch.response_mask.bool()
+    recomputed = torch.log_softmax(logits / 0.7, -1).gather(-1, batch.response_ids.unsqueeze(-1))
+    assert torch.allclose(batch.sampler_logprobs[mask], recomputed.squeeze(-1)[mask], atol=1e-4)
+    greedy = rollout.generate(examples, max_new_tokens=6, greedy=True)
+    with torch.no_grad():
+        predicted = batch_logits(model, greedy, len(tokenizer)).argmax(-1)
+    mask = greedy.response_mask.bool()
+    assert torch.equal(predicted[mask], greedy.response_ids[mask])
+
+
+def test_rollouts_match_the_samples_of_a_plain_model(tokenizer, graph_task):
+    """Same seed, same model weights: a model with hub-style settings samples the same tokens as
+    one with none (the distribution, not only the log-probs, is the model's)."""
+    plain = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=5)
+    configured = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=5)
+    for key, value in hub_style_settings(tokenizer).items():
+        setattr(configured.generation_config, key, value)
+    examples = graph_task.examples("eval", 6)
+    batches = []
+    for model in (plain, configured):
+        torch.manual_seed(1)
+        batches.append(HFGenerateRollout(model, tokenizer).generate(examples, 6, temperature=1.0))
+    assert torch.equal(batches[0].response_ids, batches[1].response_ids)

@@ -46,14 +46,14 @@ def test_demonstrations_are_verified_and_sampled_once_per_prompt(tokenizer, grap
     source = DemonstrationContext(sampler, tokenizer, graph_task, attempts=4)
     assert source.contexts([example, example, example]) == [good] * 3
     assert sampler.calls == [[example.prompt] * 4]  # one prompt, `attempts` samples
-    assert source.found_fraction == 1.0
+    assert source.prompts_with_demonstration / source.prompts_seen == 1.0
 
 
 def test_no_correct_sample_means_no_context(tokenizer, graph_task, example):
     sampler = ScriptedSampler(tokenizer, {example.prompt: ["A A A"]})
     source = DemonstrationContext(sampler, tokenizer, graph_task, attempts=3)
     assert source.contexts([example]) == [None]
-    assert source.found_fraction == 0.0
+    assert source.prompts_with_demonstration / source.prompts_seen == 0.0
 
 
 def test_several_demonstrations_are_joined(tokenizer, graph_task, example):

@@ -575,3 +575,59 @@ def test_the_serve_teacher_command(saved_pair, tokenizer):
     finally:
         process.terminate()
         process.wait(30)
+
+
+# ------------------------------------------------------------------- what training asks for
+@pytest.mark.parametrize(
+    ("loss", "modes"),
+    [
+        (LossConfig(kind="sampled_token"), {"token"}),
+        (LossConfig(kind="sampled_token", teacher_top_k=4), {"token"}),
+        (LossConfig(kind="forward_kl", teacher_top_k=4), {"topk"}),
+        (LossConfig(kind="forward_kl"), {"full"}),
+    ],
+)
+def test_training_asks_the_served_teacher_for_the_cheapest_answer(
+    client, tokenizer, graph_task, tmp_path, loss, modes
+):
+    """Every score request of a training step uses the cheapest mode the objective needs; the
+    token mode's answers are a small fraction of the full logits' bytes."""
+    asked, answered = [], []
+
+    def spy(request, call):
+        if request.url.path == "/v1/score":
+            asked.append(json.loads(request.content)["mode"])
+        return None
+
+    transport, _ = forwarding(client, spy)
+
+    class Measuring(httpx.BaseTransport):
+        def handle_request(self, request):
+            response = transport.handle_request(request)
+            if request.url.path == "/v1/score":
+                answered.append(len(response.content))
+            return response
+
+    config = Config(
+        model=ModelConfig(student="mem", teacher="http://teacher.test"),
+        data=DataConfig(task="graph"),
+        loss=loss,
+        train=TrainConfig(
+            steps=2, batch_size=4, max_new_tokens=6, output_dir=str(tmp_path), progress=False
+        ),
+    )
+    validate(config)
+    with remote("http://teacher.test", tokenizer, transport=Measuring()) as teacher:
+        trainer = Trainer(
+            config,
+            tiny_student(tokenizer),
+            tokenizer,
+            graph_task,
+            graph_task.examples("train", 8),
+            teacher=teacher,
+        )
+        tokens = sum(trainer.step().num_tokens for _ in range(2))
+    assert asked and set(asked) == modes
+    if modes == {"token"}:  # float32 per response token, plus the safetensors header
+        assert sum(answered) < 4 * tokens + 200 * len(answered)
+        assert sum(answered) < 4 * tokens * len(tokenizer) / 10

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import batch_logits
+from opdistill.checkpoint import forked_rng
 from opdistill.config import EvalConfig
 from opdistill.eval import diversity
 from opdistill.eval.metrics import (
@@ -83,12 +84,13 @@ def evaluate(
     `teacher_rkl`. `self_bleu` and `semantic_diversity` need `num_samples` ≥ 2;
     `semantic_diversity` is left out, with a warning, when its model cannot be loaded.
     Per-prompt values are in `.per_prompt`, the sampled responses in `.samples`.
-    Sampling uses its own seeded RNG and leaves the global RNG state untouched.
+    Sampling uses its own seeded RNG and leaves the global RNG state of the CPU and of every
+    CUDA device untouched.
     """
     rollout = HFGenerateRollout(model, tokenizer, record_logprobs=False)
     vocab_size = len(tokenizer)
     result = EvalMetrics()
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():  # the CPU and every CUDA device: training's random streams go on untouched
         torch.manual_seed(seed)
         if task.has_verifier:
             greedy_correct = []

@@ -6,7 +6,8 @@ For each task of the chosen suite:
    student by SFT; both are cached, so a second run skips this;
 3. train copies of the initial student with each method of the suite for the same number of steps,
    over several seeds;
-4. print one markdown table, write `results.json` and pass@k plots to the output directory.
+4. print one markdown table, write `results.json` and pass@k plots to the output directory
+   (`update_readme_results` puts the table into a README between its two markers).
 
 Suites: `default` (graph task; SFT, SeqKD, supervised KD, on-policy GKD with JSD(0.9) and reverse
 KL, mixed λ = 0.5) and `objectives` (graph and arithmetic tasks; every objective of
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill import Config, Trainer, config_from_dict, make_task, model_teacher
+from opdistill.errors import OpdistillError
 from opdistill.eval import (
     evaluate_with_config,
     markdown_table,
@@ -307,6 +309,30 @@ def run_demo(
     header = {"suite": suite, "steps_per_method": steps, "seeds": seeds}
     header["settings"] = dataclasses.asdict(settings)
     return report_results(output_dir, header, per_seed, METRICS, HEADERS, plots, started)
+
+
+README_START = "<!-- demo-results:start -->"
+README_END = "<!-- demo-results:end -->"
+
+
+def update_readme_results(readme: Path, table: str) -> None:
+    """Put `table` into `readme` between its `README_START` and `README_END` lines (lines that
+    hold only the marker).
+
+    Only the lines between the two markers are replaced, so no other table of the file can be
+    touched, whatever its rows are called; a file without exactly one pair of markers, in order,
+    is an error and stays as it is.
+    """
+    lines = readme.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == README_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == README_END]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise OpdistillError(
+            f"{readme}: the demo's results go between one {README_START} line and one "
+            f"{README_END} line after it (found {len(starts)} and {len(ends)})"
+        )
+    body = table.rstrip("\n") + "\n"
+    write_atomic(readme, "".join([*lines[: starts[0] + 1], body, *lines[ends[0] :]]))
 
 
 def report_results(

@@ -36,6 +36,7 @@ from opdistill import Config, Teacher, Trainer, config_from_dict, make_task, mod
 from opdistill.batch import chat_prompt, completion_ids, left_pad, right_pad, sequence_logits
 from opdistill.eval import evaluate_with_config, plot_pass_at_k
 from opdistill.files import write_atomic
+from opdistill.losses import token_logprobs
 from opdistill.models import (
     count_parameters,
     gguf_model_dir,
@@ -199,7 +200,7 @@ def reference_agreement(
         prompt_ids, prompt_mask = left_pad([chat_prompt(tokenizer, e.prompt) for e in chunk], pad)
         ids, mask = right_pad([completion_ids(tokenizer, e.completion) for e in chunk], pad)
         logits = sequence_logits(model, prompt_ids, prompt_mask, ids, mask, len(tokenizer))
-        logprobs = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1))[..., 0]
+        logprobs = token_logprobs(logits, ids)
         nll -= float((logprobs * mask).sum())
         tokens += int(mask.sum())
         first += logprobs[:, 0].exp().tolist()

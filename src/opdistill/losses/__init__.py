@@ -1,11 +1,8 @@
 """Distillation losses: pure functions of logits / log-probs and masks, one value per token."""
 
 from opdistill.losses.chunked import chunked_token_divergence
-from opdistill.losses.divergence import (
-    DIVERGENCE_KINDS,
-    divergence_from_logprobs,
-    token_divergence,
-)
+from opdistill.losses.divergence import DIVERGENCE_KINDS, token_divergence
+from opdistill.losses.logprobs import check_temperature, gather_tokens, log_softmax_at
 from opdistill.losses.minillm import minillm_loss, mixture_weights
 from opdistill.losses.nll import token_nll
 from opdistill.losses.policy_gradient import (
@@ -34,11 +31,13 @@ __all__ = [
     "DIVERGENCE_KINDS",
     "REDUCTIONS",
     "TaidSchedule",
+    "check_temperature",
     "chunked_token_divergence",
     "discounted_returns",
-    "divergence_from_logprobs",
+    "gather_tokens",
     "group_advantages",
     "log1mexp",
+    "log_softmax_at",
     "masked_token_sum",
     "minillm_loss",
     "mixture_weights",

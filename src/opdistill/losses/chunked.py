@@ -32,6 +32,7 @@ from torch import Tensor
 
 from opdistill.errors import OpdistillError
 from opdistill.losses.divergence import _divergence, _mixture, _validate, compute_dtype
+from opdistill.losses.logprobs import log_softmax_at
 
 # Automatic chunks hold about this many elements (chunk × V), 16 MiB per fp32 temporary.
 CHUNK_ELEMENTS = 1 << 22
@@ -116,8 +117,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         student_rows, teacher_rows = row_reader(student), row_reader(teacher)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
-            log_q = _scaled_log_softmax(student_rows(start, end), dtype, temperature)
-            log_p = _scaled_log_softmax(teacher_rows(start, end), dtype, temperature)
+            log_q = log_softmax_at(student_rows(start, end), temperature, dtype)
+            log_p = log_softmax_at(teacher_rows(start, end), temperature, dtype)
             log_m = _mixture(log_p, log_q, kind, beta, alpha)  # once, for value and gradient
             values[start:end] = _divergence(log_p, log_q, kind, beta, alpha, log_m)
             if grad is not None:
@@ -158,13 +159,6 @@ def row_reader(x: Tensor) -> Callable[[int, int], Tensor]:
 
         return rows
     return lambda start, end: flat[start:end]
-
-
-def _scaled_log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    logits = logits.to(dtype)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
 
 
 def _student_grad(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from opdistill.errors import OpdistillError
+from opdistill.losses.logprobs import check_temperature, log_softmax_at
 
 DIVERGENCE_KINDS: tuple[str, ...] = (
     "forward_kl",
@@ -65,30 +66,8 @@ def token_divergence(
     """
     _validate(student_logits, teacher_logits, kind, beta, alpha, temperature)
     dtype = compute_dtype(student_logits, teacher_logits)
-    log_q = _log_softmax(student_logits, dtype, temperature)
-    log_p = _log_softmax(teacher_logits, dtype, temperature)
-    return _divergence(log_p, log_q, kind, beta, alpha)
-
-
-def divergence_from_logprobs(
-    log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5, alpha: float = 0.1
-) -> Tensor:
-    """Divergence between two distributions given as log-probabilities over the last dimension.
-
-    ``log_p`` (teacher P) and ``log_q`` (student Q) are ``[..., V]`` normalised log-probs (−inf
-    for probability 0); the formulas, and the handling of zero-probability entries, are those of
-    `token_divergence`, which is ``divergence_from_logprobs(log_softmax(t/τ), log_softmax(s/τ))``.
-    Returns ``[...]``.
-    """
-    _validate_kind(kind)
-    _validate_params(kind, beta, alpha)
-    if log_p.shape != log_q.shape or log_p.dim() == 0:
-        raise OpdistillError(
-            f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} must have the same "
-            "shape [..., V]"
-        )
-    if not (log_p.is_floating_point() and log_q.is_floating_point()):
-        raise OpdistillError("log_p and log_q must be floating-point tensors")
+    log_q = log_softmax_at(student_logits, temperature, dtype)
+    log_p = log_softmax_at(teacher_logits, temperature, dtype)
     return _divergence(log_p, log_q, kind, beta, alpha)
 
 
@@ -152,14 +131,8 @@ def _validate(
         )
     if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
         raise OpdistillError("student and teacher logits must be floating-point tensors")
-    validate_temperature(temperature)
+    check_temperature(temperature)
     _validate_params(kind, beta, alpha)
-
-
-def validate_temperature(temperature: float) -> None:
-    """Reject a loss temperature that is not a finite number > 0."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise OpdistillError(f"loss temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _validate_kind(kind: str) -> None:
@@ -180,13 +153,6 @@ def _validate_params(kind: str, beta: float, alpha: float) -> None:
             f"{kind} needs alpha in [0, 1), got {alpha!r}: at alpha = 1 the value is "
             "identically 0 (alpha = 0 gives the plain KL)"
         )
-
-
-def _log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    logits = logits.to(dtype)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

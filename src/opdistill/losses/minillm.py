@@ -21,6 +21,7 @@ from torch import Tensor
 
 from opdistill.errors import OpdistillError
 from opdistill.losses.divergence import token_divergence
+from opdistill.losses.logprobs import check_temperature, gather_tokens, log_softmax_at
 
 
 def minillm_loss(
@@ -61,18 +62,15 @@ def minillm_loss(
         raise OpdistillError(
             "minillm clip > 0 needs old_logprobs (log q_old of the sampled tokens)"
         )
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise OpdistillError(f"loss temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
     )
     keep = mask.bool()
-    index = response_ids.clamp(0, student_logits.shape[-1] - 1).unsqueeze(-1)
-
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    logq_y = log_q.gather(-1, index).squeeze(-1)
-    logp_y = log_p.detach().gather(-1, index).squeeze(-1)
+    log_q = log_softmax_at(student_logits, temperature, dtype)
+    log_p = log_softmax_at(teacher_logits, temperature, dtype)
+    logq_y = gather_tokens(log_q, response_ids)
+    logp_y = gather_tokens(log_p.detach(), response_ids)
 
     reward = torch.where(keep, logp_y - logq_y.detach(), 0.0)
     future = _exclusive_suffix_sum(reward)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from opdistill.losses.logprobs import check_temperature, gather_tokens, log_softmax_at
 
 
 def token_nll(logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -12,7 +13,5 @@ def token_nll(logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> T
     Computed in fp32 (fp64 stays fp64). Ids outside the vocabulary (e.g. padding ids on masked
     positions) are clamped for the gather; mask those positions out in the reduction.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    index = target_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
-    return -log_probs.gather(-1, index).squeeze(-1)
+    check_temperature(temperature)
+    return -gather_tokens(log_softmax_at(logits, temperature), target_ids)

@@ -11,13 +11,12 @@ Per-token reward: r_t = log P(y_t) − log Q(y_t) (the negative sampled reverse 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from opdistill.errors import OpdistillError
-from opdistill.losses.divergence import _kl, _log_softmax
+from opdistill.losses.divergence import _kl
+from opdistill.losses.logprobs import check_temperature, gather_tokens, log_softmax_at
 
 
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -26,14 +25,14 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Ten
     Computed in fp32 (fp64 stays fp64). Ids outside ``[0, V)`` (padding on masked positions) are
     clamped for the gather; mask those positions out downstream.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if logits.dim() == 0 or ids.shape != logits.shape[:-1]:
         raise OpdistillError(
             f"ids {tuple(ids.shape)} must have the shape of logits {tuple(logits.shape)} "
             "without the vocabulary dim"
         )
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return _gather(_log_softmax(logits, dtype, temperature), ids)
+    return gather_tokens(log_softmax_at(logits, temperature, dtype), ids)
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -128,7 +127,7 @@ def vopd_loss(
         mask: ``[..., T]``, 1 on response tokens.
         temperature: loss temperature τ; both logits are divided by τ before log-softmax.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     _check_gamma(gamma)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise OpdistillError(
@@ -149,11 +148,11 @@ def vopd_loss(
     dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
     )
-    log_q = _log_softmax(student_logits, dtype, temperature)
+    log_q = log_softmax_at(student_logits, temperature, dtype)
     with torch.no_grad():
-        log_p = _log_softmax(teacher_logits.detach(), dtype, temperature)
+        log_p = log_softmax_at(teacher_logits.detach(), temperature, dtype)
         log_q_sg = log_q.detach()
-        rewards = _gather(log_p, response_ids) - _gather(log_q_sg, response_ids)
+        rewards = gather_tokens(log_p, response_ids) - gather_tokens(log_q_sg, response_ids)
         returns = discounted_returns(rewards, keep, gamma)
         vocab = log_q_sg.shape[-1]
         if 0 < top_k < vocab:
@@ -162,18 +161,8 @@ def vopd_loss(
             log_p = torch.log_softmax(log_p.gather(-1, support), dim=-1)
         baseline = -_kl(log_q_sg, log_p)
         advantages = torch.where(keep, returns - baseline, 0.0)
-    log_q_y = _gather(log_q, response_ids)
+    log_q_y = gather_tokens(log_q, response_ids)
     return torch.where(keep, -advantages * log_q_y, 0.0)
-
-
-def _gather(log_probs: Tensor, ids: Tensor) -> Tensor:
-    index = ids.long().clamp(0, log_probs.shape[-1] - 1).unsqueeze(-1)
-    return log_probs.gather(-1, index).squeeze(-1)
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise OpdistillError(f"loss temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_gamma(gamma: float) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from opdistill.errors import OpdistillError
 from opdistill.losses.divergence import token_divergence
+from opdistill.losses.logprobs import log_softmax_at
 
 TIP_MODES: tuple[str, ...] = ("weighted", "quadrant", "top")
 
@@ -90,8 +91,8 @@ def token_entropy_divergence(
     if vocab < 2:
         raise OpdistillError(f"token entropy needs a vocabulary of at least 2, got {vocab}")
     with torch.no_grad():
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
+        log_q = log_softmax_at(student_logits)
+        dtype = log_q.dtype
         q = log_q.exp()
         entropy = -torch.where(q > 0, q * log_q, 0.0).sum(-1) / math.log(vocab)
         divergence = token_divergence(student_logits, teacher_logits, "jsd", beta=0.5)
@@ -126,14 +127,11 @@ def position_weights(
     return torch.where(valid, weights, 0.0)
 
 
-def weighted_token_mean(
-    values: Tensor, weights: Tensor, total_weight: Tensor | float | None = None
-) -> Tensor:
-    """Σ w·v / W with W = ``total_weight`` (default Σ w).
+def weighted_token_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """Σ w·v / Σ w.
 
-    Under gradient accumulation / data parallelism pass the global Σ w of the optimizer step so
-    micro-batch results add up to the full-batch value. W == 0 gives 0, still connected to the
-    graph. Positions with w == 0 are excluded with ``torch.where`` (NaN/inf there never leaks).
+    Σ w == 0 gives 0, still connected to the graph. Positions with w == 0 are excluded with
+    ``torch.where`` (NaN/inf there never leaks).
     """
     if values.shape != weights.shape or values.dim() == 0:
         raise OpdistillError(
@@ -144,8 +142,7 @@ def weighted_token_mean(
     w = weights.to(dtype) if weights.is_floating_point() else weights.bool().to(dtype)
     nonzero = w != 0
     total = (torch.where(nonzero, values.to(dtype), 0.0) * torch.where(nonzero, w, 0.0)).sum()
-    denom = w.sum() if total_weight is None else total_weight
-    denom = torch.as_tensor(denom, dtype=dtype, device=total.device)
+    denom = w.sum()
     safe = torch.where(denom != 0, denom, torch.ones_like(denom))
     return torch.where(denom != 0, total / safe, torch.zeros_like(total))
 

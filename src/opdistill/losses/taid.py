@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from opdistill.errors import OpdistillError
-from opdistill.losses.divergence import _kl, _log_softmax
+from opdistill.losses.divergence import _kl
+from opdistill.losses.logprobs import check_temperature, log_softmax_at
 
 
 def taid_loss(
@@ -32,8 +33,7 @@ def taid_loss(
     """
     if not 0.0 <= t <= 1.0:
         raise OpdistillError(f"TAID interpolation t must be in [0, 1], got {t!r}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise OpdistillError(f"loss temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape or student_logits.dim() == 0:
         raise OpdistillError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -42,8 +42,8 @@ def taid_loss(
     dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
     )
-    log_q = _log_softmax(student_logits, dtype, temperature)
-    log_p = _log_softmax(teacher_logits, dtype, temperature)
+    log_q = log_softmax_at(student_logits, temperature, dtype)
+    log_p = log_softmax_at(teacher_logits, temperature, dtype)
     # Branches at the end points avoid 0·(−inf) = NaN when one side has −inf logits.
     if t == 1.0:
         log_target = log_p
@@ -91,11 +91,6 @@ class TaidSchedule:
     def t(self) -> float:
         """Current interpolation weight."""
         return self._t
-
-    @property
-    def momentum(self) -> float:
-        """Current momentum m of the relative loss change."""
-        return self._momentum
 
     def update(self, step: int, loss: float) -> float:
         """Advance t after optimizer step ``step`` with training loss ``loss``; return the new t."""

@@ -6,8 +6,9 @@ the tail V \\ S:
 
     P̃ = (P(v))_{v∈S} ⊕ (1 − Σ_{v∈S} P(v)),   Q̃ = (Q(v))_{v∈S} ⊕ Σ_{u∉S} Q(u)
 
-and the divergence is taken between P̃ and Q̃ (`divergence_from_logprobs`). Student mass outside
-the teacher's top-k lands in the tail bucket, where it is compared with the teacher's tail mass.
+and the divergence is taken between P̃ and Q̃ (the formulas of `token_divergence`). Student mass
+outside the teacher's top-k lands in the tail bucket, where it is compared with the teacher's tail
+mass.
 With k = V (S the whole vocabulary) the tail is empty and the result is `token_divergence`.
 """
 
@@ -25,8 +26,8 @@ from opdistill.losses.divergence import (
     _validate_kind,
     _validate_params,
     compute_dtype,
-    validate_temperature,
 )
+from opdistill.losses.logprobs import check_temperature
 
 NEG_INF = float("-inf")
 
@@ -196,7 +197,7 @@ def _validate(
     vocab, k = student_logits.shape[-1], shape[-1]
     if not 1 <= k <= vocab:
         raise OpdistillError(f"teacher top-k size k={k} must be in [1, V={vocab}]")
-    validate_temperature(temperature)
+    check_temperature(temperature)
     _validate_params(kind, beta, alpha)
     if teacher_indices.numel() == 0:
         return

@@ -9,7 +9,12 @@ from __future__ import annotations
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.config import Config, samples_teacher_mixture
-from opdistill.rollout.base import RolloutBackend, decode_responses
+from opdistill.rollout.base import (
+    RolloutBackend,
+    decode_responses,
+    pure_generation_config,
+    sampling_generation_config,
+)
 from opdistill.rollout.hf import BaseModelRollout, HFGenerateRollout, TeacherMixedRollout
 
 __all__ = [
@@ -19,6 +24,8 @@ __all__ = [
     "TeacherMixedRollout",
     "build_samplers",
     "decode_responses",
+    "pure_generation_config",
+    "sampling_generation_config",
 ]
 
 

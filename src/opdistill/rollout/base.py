@@ -1,15 +1,17 @@
-"""The rollout protocol and what every backend shares: prompt batching, EOS masking, decoding."""
+"""The rollout protocol and what every backend shares: prompt batching, EOS masking, decoding,
+and the generation settings of pure ancestral sampling."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import Batch, chat_prompt, left_pad, response_mask_after_eos
 from opdistill.tasks.base import Example
@@ -25,6 +27,66 @@ class RolloutBackend(Protocol):
         temperature: float = 1.0,
         greedy: bool = False,
     ) -> Batch: ...
+
+
+def sampling_generation_config(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    suppress_tokens: Sequence[int] = (),
+) -> GenerationConfig:
+    """A fresh `GenerationConfig` for pure ancestral sampling at `temperature` (or greedy).
+
+    Nothing of a model's own `generation_config` applies: no top-k / top-p / min-p / typical-p /
+    ε- or η-cutoff truncation, no repetition penalties, n-gram bans, bad-word lists, minimum
+    lengths or forced tokens. Every such field is set to its neutral value here; those whose
+    neutral value is None are only kept neutral when `model.generation_config` is this config
+    too, which `pure_generation_config` arranges. `suppress_tokens` are logit columns that are
+    never sampled (embedding rows past the tokenizer).
+    """
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature}
+    return GenerationConfig(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        min_length=0,
+        num_beams=1,
+        num_return_sequences=1,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        length_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=list(suppress_tokens) or None,
+    )
+
+
+@contextmanager
+def pure_generation_config(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, `config` is the model's own `generation_config`.
+
+    `generate` fills every unset (None) field of the config it is given from the model's
+    `generation_config` (`min_p`, `bad_words_ids`, `min_new_tokens`, `sequence_bias`, forced
+    tokens, ...), so passing a fresh config is not enough to keep a hub model's settings out.
+    A PEFT wrapper's base model is the one whose config `generate` reads.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def synced_generation() -> bool:

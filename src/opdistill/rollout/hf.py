@@ -11,11 +11,14 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import Batch
+from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 from opdistill.rollout.base import (
     PromptCache,
     RolloutBackend,
     all_finished,
     finish_batch,
+    pure_generation_config,
+    sampling_generation_config,
     synced_generation,
 )
 from opdistill.tasks.base import Example
@@ -24,8 +27,10 @@ from opdistill.tasks.base import Example
 class HFGenerateRollout:
     """Sampling with transformers `generate` (KV cache, stop at EOS, left-padded prompts).
 
-    Pure ancestral sampling at `temperature` (no top-k/top-p), so the recorded sampler log-probs
-    are those of the distribution the tokens were drawn from.
+    Pure ancestral sampling at `temperature` (`sampling_generation_config`: none of the model's
+    own `generation_config` settings, such as a hub model's repetition penalty or min-p, apply),
+    so the samples are the student's and the recorded sampler log-probs are those of the
+    distribution the tokens were drawn from.
     """
 
     def __init__(
@@ -52,34 +57,32 @@ class HFGenerateRollout:
         prompt_ids, prompt_mask = self.prompts.batch(examples)
         was_training = self.model.training
         self.model.eval()
-        sampling = (
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        )
         # Columns of the logits past the tokenizer (padded embeddings) are never sampled.
         padded = range(len(tokenizer), self.model.get_output_embeddings().weight.shape[0])
-        if len(padded):
-            sampling["suppress_tokens"] = list(padded)
-        if synced_generation():
-            sampling["synced_gpus"] = True
-        output = self.model.generate(
-            input_ids=prompt_ids.to(device),
-            attention_mask=prompt_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+        config = sampling_generation_config(
+            max_new_tokens,
+            temperature,
+            greedy,
             eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            output_scores=self.record_logprobs,
-            return_dict_in_generate=True,
-            **sampling,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=padded,
         )
+        with pure_generation_config(self.model, config):
+            output = self.model.generate(
+                input_ids=prompt_ids.to(device),
+                attention_mask=prompt_mask.to(device),
+                generation_config=config,
+                use_cache=True,
+                output_scores=self.record_logprobs,
+                return_dict_in_generate=True,
+                synced_gpus=synced_generation(),
+            )
         self.model.train(was_training)
         response_ids = output.sequences[:, prompt_ids.shape[1] :]
         if self.record_logprobs:  # scores are the sampler's logits after temperature, per step
             token_logprobs = torch.stack(
                 [
-                    torch.log_softmax(score.float(), dim=-1).gather(-1, ids.unsqueeze(-1))[:, 0]
+                    gather_tokens(log_softmax_at(score, 1.0, torch.float32), ids)
                     for score, ids in zip(output.scores, response_ids.unbind(1), strict=True)
                 ],
                 dim=1,
@@ -149,8 +152,8 @@ class TeacherMixedRollout:
                     **inputs, attention_mask=mask, past_key_values=caches[index], use_cache=True
                 )
                 caches[index] = out.past_key_values
-                step_logits.append(out.logits[:, -1, :vocab].float() / temperature)
-            log_q, log_p = (torch.log_softmax(x, dim=-1) for x in step_logits)
+                step_logits.append(out.logits[:, -1, :vocab])
+            log_q, log_p = (log_softmax_at(x, temperature, torch.float32) for x in step_logits)
             log_mix = (
                 log_q if self.teacher_mix == 0 else torch.logaddexp(log_a + log_p, log_b + log_q)
             )
@@ -160,7 +163,7 @@ class TeacherMixedRollout:
                 chosen = torch.multinomial(log_mix.exp(), 1).squeeze(-1)
             chosen = chosen.masked_fill(finished, tokenizer.pad_token_id)
             tokens.append(chosen)
-            logprobs.append(log_mix.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
+            logprobs.append(gather_tokens(log_mix, chosen))
             finished |= chosen == tokenizer.eos_token_id
             if all_finished(finished, synced):
                 break

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from opdistill.batch import Batch, batch_logits, batch_projected, projectable_head
 from opdistill.errors import OpdistillError
+from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 from opdistill.losses.projected import ProjectedLogits
 
 Answer = Literal["logits", "projected", "topk", "token_logprobs"]
@@ -92,10 +93,9 @@ def topk_from_logits(
     logits: Tensor, response_ids: Tensor, k: int, temperature: float = 1.0
 ) -> TopKLogprobs:
     """`TopKLogprobs` of full logits [B, R, V] at temperature τ (k is capped at V)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = log_softmax_at(logits, temperature, torch.float32)
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    ids = response_ids.clamp(0, logprobs.shape[-1] - 1).unsqueeze(-1)
-    return TopKLogprobs(top.indices, top.values, logprobs.gather(-1, ids)[..., 0])
+    return TopKLogprobs(top.indices, top.values, gather_tokens(logprobs, response_ids))
 
 
 class Teacher(Protocol):

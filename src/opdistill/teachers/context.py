@@ -98,11 +98,6 @@ class DemonstrationContext:
         keys = self.rng.sample(sorted(by_solution), min(k, len(by_solution)))
         return [self.rng.choice(by_solution[key]) for key in keys]
 
-    @property
-    def found_fraction(self) -> float:
-        """Share of prompts so far for which a correct demonstration was found."""
-        return self.prompts_with_demonstration / max(1, self.prompts_seen)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "rng": self.rng.getstate(),

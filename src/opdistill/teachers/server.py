@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 
 from opdistill.batch import left_pad, right_pad, sequence_logits
 from opdistill.errors import OpdistillError
+from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 from opdistill.prompts import context_window
 from opdistill.teachers.base import topk_from_logits
 
@@ -189,8 +190,8 @@ def score(
             "token_logprobs": top.token_logprobs,
         }
     else:
-        logprobs = torch.log_softmax(logits / request.temperature, dim=-1)
-        tensors = {"token_logprobs": logprobs.gather(-1, response_ids.unsqueeze(-1))[..., 0]}
+        logprobs = log_softmax_at(logits, request.temperature, torch.float32)
+        tensors = {"token_logprobs": gather_tokens(logprobs, response_ids)}
     return {name: tensor.contiguous().cpu() for name, tensor in tensors.items()}
 
 
