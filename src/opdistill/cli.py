@@ -15,25 +15,34 @@ from opdistill.errors import OpdistillError
 def _train(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
     from opdistill.models.loading import check_model_paths
+    from opdistill.run_dir import RunLock, check_output_dir, clear, config_inputs, contents
     from opdistill.trainer import build_trainer
 
     if args.resume and args.overwrite:
         raise OpdistillError("--resume and --overwrite exclude each other: pass one of them")
     config = load_config(args.config, args.set)
     output = Path(config.train.output_dir)
-    if output.exists() and not output.is_dir():
-        raise OpdistillError(f"train.output_dir {str(output)!r} is a file, not a directory")
-    if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
-        raise OpdistillError(
-            f"output directory {str(output)!r} is not empty: pass --resume to continue the run "
-            "there or --overwrite to replace it"
-        )
+    check_output_dir(output, args.resume, args.overwrite, config_inputs(config, args.config))
     check_model_paths(config.model.student, config.model.teacher, config.model.tokenizer)
-    trainer = build_trainer(config)  # loads and checks every input before the old run goes
-    if args.overwrite and output.exists() and trainer.accelerator.is_main_process:
-        shutil.rmtree(output)
-    trainer.accelerator.wait_for_everyone()  # nothing is written before the old run is gone
-    metrics = trainer.train(resume=args.resume)
+    is_main = os.environ.get("RANK", "0") == "0"
+    created = not output.exists()
+    lock = RunLock(output)
+    if is_main:
+        lock.acquire()  # a second run on this directory stops here, naming this one's PID
+    try:
+        trainer = build_trainer(config)  # loads and checks every input before the old run goes
+        if args.overwrite and is_main:
+            clear(output)
+        trainer.accelerator.wait_for_everyone()  # nothing is written before the old run is gone
+        metrics = trainer.train(resume=args.resume)
+    except BaseException:
+        if is_main and created and not contents(output):  # nothing written: leave no trace
+            lock.release()
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    finally:
+        if is_main:
+            lock.release()
     if metrics and trainer.accelerator.is_main_process:
         print(json.dumps(metrics, indent=2))
 
