@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from opdistill.errors import OpdistillError
+from opdistill.files import writable, write_atomic
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -53,6 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
     from opdistill.models.loading import (
         check_model_paths,
         check_tokenizers_match,
+        check_vocabulary,
         load_model,
         load_tokenizer,
     )
@@ -65,8 +67,8 @@ def _eval(args: argparse.Namespace) -> None:
         overrides.append(f"model.student={args.model}")
     config = load_config(args.config, overrides)
     mc, dc, ec = config.model, config.data, config.eval
-    if args.output and Path(args.output).is_dir():
-        raise OpdistillError(f"--output {args.output!r} is a directory; give a file name")
+    if args.output:
+        _check_output_file(Path(args.output).expanduser())
     use_teacher = bool(mc.teacher) and not args.no_teacher
     served = use_teacher and is_served_teacher(mc.teacher)
     check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
@@ -79,8 +81,10 @@ def _eval(args: argparse.Namespace) -> None:
     elif use_teacher:
         check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
     model = load_model(mc.student, mc.dtype)
+    check_vocabulary(model, tokenizer, "model.student")
     if use_teacher and not served:
         teacher_model = load_model(mc.teacher, mc.dtype)
+        check_vocabulary(teacher_model, tokenizer, "model.teacher")
         teacher = model_teacher(teacher_model, len(tokenizer))
     window = context_window(model, teacher_model)
     if served and teacher.context_window:
@@ -91,10 +95,25 @@ def _eval(args: argparse.Namespace) -> None:
     examples = fit.examples
     metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
     text = json.dumps(metrics, indent=2)
+    print(text)  # first: the metrics are not lost if the file cannot be written after all
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+        output = Path(args.output).expanduser()
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(output, text + "\n")
+        except OSError as error:
+            raise OpdistillError(
+                f"--output {args.output!r}: cannot write ({error.strerror or error}); the "
+                "metrics are printed above"
+            ) from None
+
+
+def _check_output_file(path: Path) -> None:
+    """Refuse, before any model loads, an --output file that cannot be written."""
+    if path.is_dir():
+        raise OpdistillError(f"--output {str(path)!r} is a directory; give a file name")
+    if not writable(path.absolute().parent):
+        raise OpdistillError(f"--output {str(path)!r} is not writable")
 
 
 def _cache_teacher(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ import yaml
 
 from opdistill.config import Config, config_to_dict, short_repr
 from opdistill.errors import OpdistillError
-from opdistill.files import append_line, write_atomic
+from opdistill.files import append_line, writable, write_atomic
 
 try:
     import fcntl
@@ -84,14 +84,6 @@ def _protected(directory: Path, inputs: Iterable[Path]) -> str | None:
     return None
 
 
-def _writable(directory: Path) -> bool:
-    """Whether `directory` (or the nearest existing folder above it) can be written."""
-    existing = directory.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-
-
 def check_output_dir(
     directory: Path, resume: bool, overwrite: bool, inputs: Iterable[Path] = ()
 ) -> None:
@@ -101,7 +93,7 @@ def check_output_dir(
         raise OpdistillError("--resume and --overwrite exclude each other: pass one of them")
     if directory.exists() and not directory.is_dir():
         raise OpdistillError(f"train.output_dir {name!r} is a file, not a directory")
-    if not _writable(directory):
+    if not writable(directory):
         raise OpdistillError(f"train.output_dir {name!r} is not writable")
     if not contents(directory):
         return

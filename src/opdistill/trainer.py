@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from opdistill import run_dir
 from opdistill.adaptive import validation_loss
-from opdistill.batch import Batch, batch_logits, dataset_batch
+from opdistill.batch import Batch, batch_logits, check_completions, dataset_batch
 from opdistill.checkpoint import Checkpoints, RandomState
 from opdistill.config import (
     Config,
@@ -48,7 +48,12 @@ from opdistill.config import (
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.losses import TaidSchedule, group_advantages
-from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
+from opdistill.models.loading import (
+    check_tokenizers_match,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+)
 from opdistill.models.lora import add_lora, is_lora, save_merged
 from opdistill.objectives import (
     StepInputs,
@@ -562,6 +567,7 @@ def build_trainer(config: Config) -> Trainer:
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher = open_teacher(config, tokenizer)  # served or cached: no teacher weights here
     student = load_model(mc.student, mc.dtype)
+    check_vocabulary(student, tokenizer, "model.student")
     if mc.lora.r > 0:
         student = add_lora(student, mc.lora)
     teacher_model = None
@@ -569,6 +575,7 @@ def build_trainer(config: Config) -> Trainer:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
         check_tokenizers_match(teacher_tokenizer, tokenizer)
         teacher_model = load_model(mc.teacher, mc.dtype)
+        check_vocabulary(teacher_model, tokenizer, "model.teacher")
     window = context_window(student, teacher_model)
     if teacher is not None and teacher.context_window:  # prompts fitted as the teacher's were
         window = min(window or teacher.context_window, teacher.context_window)
@@ -586,6 +593,8 @@ def build_trainer(config: Config) -> Trainer:
             ("eval", dc.eval_size, config.eval.max_new_tokens),
         )
     }
+    if config.train.student_data_fraction < 1 and config.train.off_policy_source == "dataset":
+        check_completions(fits["train"].examples)  # every row an off-policy batch may draw
     for split, fit in fits.items():
         if fit.too_long:
             print(f"opdistill: {fit.summary(split)}", file=sys.stderr)
