@@ -16,7 +16,14 @@ from opdistill.files import writable, write_atomic
 def _train(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
     from opdistill.models.loading import check_model_paths
-    from opdistill.run_dir import RunLock, check_output_dir, clear, config_inputs, contents
+    from opdistill.run_dir import (
+        RunLock,
+        check_output_dir,
+        clear,
+        config_inputs,
+        contents,
+        resume_changes,
+    )
     from opdistill.trainer import build_trainer
 
     if args.resume and args.overwrite:
@@ -24,6 +31,8 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     output = Path(config.train.output_dir)
     check_output_dir(output, args.resume, args.overwrite, config_inputs(config, args.config))
+    if args.resume and contents(output):
+        resume_changes(output, config)  # refuses changed run-defining keys before models load
     check_model_paths(config.model.student, config.model.teacher, config.model.tokenizer)
     is_main = os.environ.get("RANK", "0") == "0"
     created = not output.exists()
