@@ -118,6 +118,7 @@ def test_a_bit_flip_in_a_tensor_file_falls_back_with_a_warning(tmp_path, model, 
     counter = Counter()
     with pytest.warns(UserWarning, match="differs from its checksum"):
         path, step = checkpoints.restore_latest(model, {"n": counter})
+    assert path.name == "step-00000001"
     assert step == 1 and counter.value == 1
 
 
