@@ -232,6 +232,36 @@ CASES: dict[str, Callable[[Sandbox], list[str]]] = {
 }
 
 
+# What the one line must say, for the cases where the wording matters most.
+EXPECTED = {
+    "batch size 1e11": "train.batch_size=100000000000 is out of range [1, 4096]",
+    "train size 1e12": "data.train_size=1000000000000 is out of range",
+    "eval samples 1e12": "eval.num_samples=1000000000000 is out of range",
+    "negative seed": "train.seed=-1 is out of range [0, 4294967295]",
+    "lr 1e308": "train.lr=1e+308 is out of range",
+    "sampling temperature 1e-300": "train.temperature=1e-300 is out of range",
+    "alias bomb in the file": "expands to more than 100000 values",
+    "alias bomb in --set": "expands to more than 100000 values",
+    "overwrite /": "it is the root directory",
+    "overwrite ~": "it is the home directory",
+    "overwrite .": "it is the current directory",
+    "overwrite the config's folder": "refusing to replace",
+    "overwrite the models' folder": "holds the input",
+    "overwrite a folder that is not a run": "is not a run opdistill created",
+    "empty output dir": "train.output_dir is empty",
+    "output dir below a file": "is not writable",
+    "eval output below a file": "is not writable",
+    "resume into a folder that is not a run": "is not an opdistill run",
+    "teacher with fewer embeddings than tokens": "model.teacher: the model has",
+    "config.json with more layers than weights": "weight files do not hold",
+    "row without completion, off-policy": "rows.jsonl:6: no 'completion'",
+    "resume with another lr": "--resume: train.lr was 0.0001, now 0.05",
+    "resume with another loss": "--resume: loss.kind was 'reverse_kl', now 'forward_kl'",
+    "resume with fewer steps than the checkpoint": "train.steps=0 is below the step",
+    "resume a checkpoint that needs unpickling": "refusing to load it",
+}
+
+
 @pytest.fixture
 def sandbox(tmp_path, saved_pair, monkeypatch):
     box = Sandbox(tmp_path, saved_pair)
@@ -261,6 +291,7 @@ def test_bad_input_is_one_clean_line_and_touches_nothing(sandbox, capsys, name):
     errors = [line for line in lines if line.startswith("opdistill: error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert len(errors[0]) < 600, errors[0][:600]
+    assert EXPECTED.get(name, "") in errors[0]
     assert sandbox.snapshot() == before  # nothing written, deleted or rewritten anywhere
     assert not (sandbox.root / "code-ran").exists()
 

@@ -584,6 +584,10 @@ MAX_STEP_TOKENS = 2**24  # train.batch_size × train.max_new_tokens, sampled per
 MAX_EVAL_SAMPLES = 10**7  # eval.num_prompts × eval.num_samples
 
 
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e12 else f"{x:g}"
+
+
 def _check_bounds(config: Config) -> None:
     """Every numeric key within its range in `BOUNDS`, and the memory-sized products bounded."""
     for key, (low, high) in BOUNDS.items():
@@ -591,7 +595,9 @@ def _check_bounds(config: Config) -> None:
         for part in key.split("."):
             value = getattr(value, part)
         if not low <= value <= high:
-            raise OpdistillError(f"{key}={short_repr(value)} is out of range [{low:g}, {high:g}]")
+            raise OpdistillError(
+                f"{key}={short_repr(value)} is out of range [{_number(low)}, {_number(high)}]"
+            )
     t, ev = config.train, config.eval
     if t.batch_size * t.max_new_tokens > MAX_STEP_TOKENS:
         raise OpdistillError(
