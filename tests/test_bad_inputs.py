@@ -264,9 +264,26 @@ EXPECTED = {
 
 @pytest.fixture
 def sandbox(tmp_path, saved_pair, monkeypatch):
+    """The sandbox, in which deleting anything outside it fails the test instead (so that even a
+    regression of the `--overwrite /` check cannot delete the machine's files)."""
     box = Sandbox(tmp_path, saved_pair)
     monkeypatch.setenv("HOME", str(box.home))
     monkeypatch.chdir(box.cwd)
+    root = tmp_path.resolve()
+
+    def guarded(delete):
+        def guard(path, *args, **kwargs):
+            if kwargs.get("dir_fd") is None:  # dir_fd: inside a tree already checked
+                target = Path(os.path.abspath(os.fspath(path)))
+                if target != root and root not in target.parents:
+                    raise AssertionError(f"the run tried to delete {target}")
+            return delete(path, *args, **kwargs)
+
+        return guard
+
+    monkeypatch.setattr(shutil, "rmtree", guarded(shutil.rmtree))
+    for name in ("unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
     return box
 
 
