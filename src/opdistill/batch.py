@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -48,17 +50,70 @@ class Batch:
         )
 
 
+_SLOT = "\ue000user-text\ue001"  # private-use characters: in no template, no user text
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of user text, in which `<|assistant|>` and the like stay text: user data can
+    never produce a control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user turn formatted with the tokenizer's chat template, ready to generate."""
+    """Token ids of a user turn formatted with the tokenizer's chat template, ready to generate.
+
+    The template's own markup is encoded with its special tokens, the user's text without.
+    """
+    markup = _template_markup(tokenizer)
+    if markup is None:  # a template that rewrites its content: encode it whole
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return [*markup[0], *encode_text(tokenizer, prompt), *markup[1]]
+
+
+_MARKUP: dict[int, tuple[Any, Any, tuple[list[int], list[int]] | None]] = {}
+
+
+def _template_markup(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]] | None:
+    """The ids of the chat template before and after the user's text (None: no clean split)."""
+    template = tokenizer.chat_template
+    cached = _MARKUP.get(id(tokenizer))
+    if cached is not None and cached[0]() is tokenizer and cached[1] is template:
+        return cached[2]
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False
     )
-    return tokenizer(text, add_special_tokens=False).input_ids
+    markup = None
+    if text.count(_SLOT) == 1:
+        before, after = text.split(_SLOT)
+        ids = tokenizer([before, after], add_special_tokens=False).input_ids
+        markup = (ids[0], ids[1])
+    if len(_MARKUP) > 64:
+        _MARKUP.clear()
+    with contextlib.suppress(TypeError):  # a tokenizer without weak references: no cache
+        _MARKUP[id(tokenizer)] = (weakref.ref(tokenizer), template, markup)
+    return markup
 
 
 def completion_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
-    """Token ids of an assistant response, terminated by EOS."""
-    return [*tokenizer(completion, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    """Token ids of an assistant response (user text: no special tokens), terminated by EOS."""
+    return [*encode_text(tokenizer, completion), tokenizer.eos_token_id]
+
+
+def check_completions(examples: Sequence[Example]) -> None:
+    """Refuse examples without a reference completion, naming the first (FILE:LINE for data)."""
+    for index, example in enumerate(examples):
+        if example.completion is None:
+            where = example.meta.get("source") if example.meta else None
+            from opdistill.errors import OpdistillError
+
+            raise OpdistillError(
+                f"{where or f'train example {index}'}: no 'completion', which off-policy "
+                f"dataset batches need (prompt {example.prompt[:40]!r}); add one or set "
+                "train.student_data_fraction=1"
+            )
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -134,14 +189,7 @@ def batch_logits(model: PreTrainedModel, batch: Batch, vocab_size: int | None) -
 
 def dataset_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> Batch:
     """A batch whose responses are the examples' reference completions."""
-    missing = [e.prompt[:40] for e in examples if e.completion is None]
-    if missing:
-        from opdistill.errors import OpdistillError
-
-        raise OpdistillError(
-            f"off-policy dataset batches need a 'completion' for every example; "
-            f"missing for prompt {missing[0]!r}"
-        )
+    check_completions(examples)
     prompt_ids, prompt_mask = left_pad(
         [chat_prompt(tokenizer, e.prompt) for e in examples], tokenizer.pad_token_id
     )

@@ -2,11 +2,19 @@
 
 A checkpoint `step-NNNNNNNN/` holds
 
-    model/              the student (`save_pretrained`; a LoRA student: its adapters) + tokenizer
-    trainer_state.pt    {name: state_dict()} of every stateful object (optimizer, schedules,
-                        data position, the RNGs of every process and device, ...)
-    NAME.safetensors    the weights of each extra network (a frozen or EMA teacher copy, ...)
-    COMPLETE            written last; a directory without it is torn and never read
+    model/                       the student (`save_pretrained`; LoRA: its adapters) + tokenizer
+    trainer_state.json           {name: state_dict()} of every stateful object (optimizer,
+                                 schedules, data position, the RNGs of every process and device,
+                                 ...) as plain JSON
+    trainer_state.safetensors    the tensors among them (referenced by name from the JSON)
+    NAME.safetensors             the weights of each extra network (a frozen or EMA teacher copy)
+    COMPLETE                     written last: the step and the SHA-256 of every other file; a
+                                 directory without it is torn and never read
+
+Nothing is unpickled: a checkpoint holding a pickle (`trainer_state.pt`, the old format) is read
+with `torch.load(weights_only=True)`, and one that needs more than tensors and plain data is
+refused. A file whose checksum differs (a bit flip, an edit) makes the checkpoint unreadable: the
+one before it is used, with a warning.
 
 It is written as `step-NNNNNNNN.tmp`, flushed to disk, marked complete and renamed into place.
 This module knows nothing of the trainer: it takes a directory, the student, and named objects
@@ -15,6 +23,9 @@ with `state_dict` / `load_state_dict`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import random
 import shutil
 import warnings
@@ -26,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.errors import OpdistillError
@@ -34,7 +45,9 @@ from opdistill.files import fsync_tree
 from opdistill.models.lora import is_lora, load_adapter_weights, weights_file
 
 COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+PICKLED_STATE_FILE = "trainer_state.pt"  # the old format: read with weights_only=True only
 MODEL_DIR = "model"
 
 
@@ -169,14 +182,17 @@ class Checkpoints:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging / MODEL_DIR)
         tokenizer.save_pretrained(staging / MODEL_DIR)
-        torch.save(
-            {"step": step, **{name: obj.state_dict() for name, obj in state.items()}},
-            staging / STATE_FILE,
+        tensors: dict[str, torch.Tensor] = {}
+        plain = to_plain(
+            {"step": step, **{name: obj.state_dict() for name, obj in state.items()}}, tensors
         )
+        (staging / STATE_FILE).write_text(json.dumps(plain))
+        save_file(tensors, str(staging / STATE_TENSORS))
         for name, network in (networks or {}).items():
             save_model(network, str(staging / f"{name}.safetensors"))
         fsync_tree(staging)  # contents on disk before the marker makes them visible
-        (staging / COMPLETE).write_text(str(step))
+        marker = {"step": step, "sha256": checksums(staging)}
+        (staging / COMPLETE).write_text(json.dumps(marker, indent=1))
         fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -203,15 +219,19 @@ class Checkpoints:
     ) -> tuple[Path, int] | None:
         """Restore the newest readable checkpoint into the given objects; None when there is none.
 
-        A checkpoint whose files cannot be read (truncated, corrupted) is skipped with a warning
-        in favour of the one before it. Returns the checkpoint and its step.
+        A checkpoint whose files cannot be read (truncated, corrupted, a checksum that differs)
+        is skipped with a warning in favour of the one before it; one that needs unpickling is
+        refused. Returns the checkpoint and its step.
         """
         networks = networks or {}
         for path in reversed(self.complete()):
             try:
+                verify_checksums(path)
                 weights = load_file(str(path / MODEL_DIR / weights_file(model)))
-                saved = torch.load(path / STATE_FILE, weights_only=False)
+                saved = read_state(path)
                 copies = {name: load_file(str(path / f"{name}.safetensors")) for name in networks}
+            except OpdistillError:
+                raise
             except Exception as error:  # any unreadable file: fall back to an older checkpoint
                 warnings.warn(
                     f"checkpoint {path} is unreadable ({type(error).__name__}: "
@@ -231,9 +251,111 @@ class Checkpoints:
         return None
 
 
+def checksums(directory: Path) -> dict[str, str]:
+    """The SHA-256 of every file below `directory` (but the marker), by relative path."""
+    sums = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        sums[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return sums
+
+
+class ChecksumMismatch(Exception):
+    """A checkpoint file differs from what its completion marker recorded."""
+
+
+def verify_checksums(path: Path) -> None:
+    """Compare the checkpoint's files with its marker (an old marker holds only the step)."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict):
+        return  # the old format: a bare step number, no checksums to compare
+    recorded = marker.get("sha256")
+    if not isinstance(recorded, dict):
+        raise ChecksumMismatch("the completion marker holds no checksums")
+    actual = checksums(path)
+    changed = sorted(
+        set(recorded) ^ set(actual) | {f for f in recorded if recorded[f] != actual.get(f)}
+    )
+    if changed:
+        raise ChecksumMismatch(f"{changed[0]} differs from its checksum")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The saved training state: JSON + tensors, or an old pickle holding only plain data."""
+    if not (path / STATE_FILE).exists() and (path / PICKLED_STATE_FILE).exists():
+        try:
+            return torch.load(path / PICKLED_STATE_FILE, weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only" not in str(error).lower():
+                raise
+            raise OpdistillError(
+                f"checkpoint {path / PICKLED_STATE_FILE} holds Python objects that only "
+                "unpickling could restore (which can run any code); refusing to load it"
+            ) from None
+    tensors = load_file(str(path / STATE_TENSORS))
+    return from_plain(json.loads((path / STATE_FILE).read_text()), tensors)
+
+
+def to_plain(value: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
+    """`value` as JSON-ready data; its tensors move to `tensors`, referenced by name."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [to_plain(v, tensors, where) for v in value]}
+    if isinstance(value, list):
+        return [to_plain(v, tensors, where) for v in value]
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: to_plain(v, tensors, f"{where}.{k}") for k, v in value.items()}
+        return {
+            "__items__": [
+                [to_plain(k, tensors, where), to_plain(v, tensors, f"{where}.{k}")]
+                for k, v in value.items()
+            ]
+        }
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{where}: a {type(value).__name__} cannot be stored in a checkpoint")
+
+
+def from_plain(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of `to_plain`."""
+    if isinstance(value, list):
+        return [from_plain(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return np.array(value["__ndarray__"], dtype=value["dtype"])
+    if "__tuple__" in value:
+        return tuple(from_plain(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {from_plain(k, tensors): from_plain(v, tensors) for k, v in value["__items__"]}
+    return {k: from_plain(v, tensors) for k, v in value.items()}
+
+
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     """Load a checkpoint's weights; either side of a pair of tied weights may be absent."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # size mismatch: another architecture
+        detail = next((ln.strip() for ln in str(error).splitlines() if "size mismatch" in ln), "")
+        raise OpdistillError(
+            f"checkpoint {path} does not match the student model ({detail[:160]})"
+        ) from None
     tied_pairs = getattr(model, "_tied_weights_keys", None) or {}
     tied = set(tied_pairs) | set(tied_pairs.values()) if isinstance(tied_pairs, dict) else set()
     real_missing = [k for k in missing if k not in tied]

@@ -11,30 +11,49 @@ import sys
 from pathlib import Path
 
 from opdistill.errors import OpdistillError
+from opdistill.files import writable, write_atomic
 
 
 def _train(args: argparse.Namespace) -> None:
     from opdistill.config import load_config
     from opdistill.models.loading import check_model_paths
+    from opdistill.run_dir import (
+        RunLock,
+        check_output_dir,
+        clear,
+        config_inputs,
+        contents,
+        resume_changes,
+    )
     from opdistill.trainer import build_trainer
 
     if args.resume and args.overwrite:
         raise OpdistillError("--resume and --overwrite exclude each other: pass one of them")
     config = load_config(args.config, args.set)
     output = Path(config.train.output_dir)
-    if output.exists() and not output.is_dir():
-        raise OpdistillError(f"train.output_dir {str(output)!r} is a file, not a directory")
-    if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
-        raise OpdistillError(
-            f"output directory {str(output)!r} is not empty: pass --resume to continue the run "
-            "there or --overwrite to replace it"
-        )
+    check_output_dir(output, args.resume, args.overwrite, config_inputs(config, args.config))
+    if args.resume and contents(output):
+        resume_changes(output, config)  # refuses changed run-defining keys before models load
     check_model_paths(config.model.student, config.model.teacher, config.model.tokenizer)
-    trainer = build_trainer(config)  # loads and checks every input before the old run goes
-    if args.overwrite and output.exists() and trainer.accelerator.is_main_process:
-        shutil.rmtree(output)
-    trainer.accelerator.wait_for_everyone()  # nothing is written before the old run is gone
-    metrics = trainer.train(resume=args.resume)
+    is_main = os.environ.get("RANK", "0") == "0"
+    created = not output.exists()
+    lock = RunLock(output)
+    if is_main:
+        lock.acquire()  # a second run on this directory stops here, naming this one's PID
+    try:
+        trainer = build_trainer(config)  # loads and checks every input before the old run goes
+        if args.overwrite and is_main:
+            clear(output)
+        trainer.accelerator.wait_for_everyone()  # nothing is written before the old run is gone
+        metrics = trainer.train(resume=args.resume)
+    except BaseException:
+        if is_main and created and not contents(output):  # nothing written: leave no trace
+            lock.release()
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    finally:
+        if is_main:
+            lock.release()
     if metrics and trainer.accelerator.is_main_process:
         print(json.dumps(metrics, indent=2))
 
@@ -45,6 +64,7 @@ def _eval(args: argparse.Namespace) -> None:
     from opdistill.models.loading import (
         check_model_paths,
         check_tokenizers_match,
+        check_vocabulary,
         load_model,
         load_tokenizer,
     )
@@ -57,8 +77,8 @@ def _eval(args: argparse.Namespace) -> None:
         overrides.append(f"model.student={args.model}")
     config = load_config(args.config, overrides)
     mc, dc, ec = config.model, config.data, config.eval
-    if args.output and Path(args.output).is_dir():
-        raise OpdistillError(f"--output {args.output!r} is a directory; give a file name")
+    if args.output:
+        _check_output_file(Path(args.output).expanduser())
     use_teacher = bool(mc.teacher) and not args.no_teacher
     served = use_teacher and is_served_teacher(mc.teacher)
     check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
@@ -71,8 +91,10 @@ def _eval(args: argparse.Namespace) -> None:
     elif use_teacher:
         check_tokenizers_match(load_tokenizer(mc.teacher), tokenizer)
     model = load_model(mc.student, mc.dtype)
+    check_vocabulary(model, tokenizer, "model.student")
     if use_teacher and not served:
         teacher_model = load_model(mc.teacher, mc.dtype)
+        check_vocabulary(teacher_model, tokenizer, "model.teacher")
         teacher = model_teacher(teacher_model, len(tokenizer))
     window = context_window(model, teacher_model)
     if served and teacher.context_window:
@@ -83,10 +105,25 @@ def _eval(args: argparse.Namespace) -> None:
     examples = fit.examples
     metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
     text = json.dumps(metrics, indent=2)
+    print(text)  # first: the metrics are not lost if the file cannot be written after all
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+        output = Path(args.output).expanduser()
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(output, text + "\n")
+        except OSError as error:
+            raise OpdistillError(
+                f"--output {args.output!r}: cannot write ({error.strerror or error}); the "
+                "metrics are printed above"
+            ) from None
+
+
+def _check_output_file(path: Path) -> None:
+    """Refuse, before any model loads, an --output file that cannot be written."""
+    if path.is_dir():
+        raise OpdistillError(f"--output {str(path)!r} is a directory; give a file name")
+    if not writable(path.absolute().parent):
+        raise OpdistillError(f"--output {str(path)!r} is not writable")
 
 
 def _cache_teacher(args: argparse.Namespace) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -263,6 +265,48 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 4
+
+MAX_YAML_VALUES = 100_000  # values a config may expand to (YAML aliases repeat whole subtrees)
+
+
+def short_repr(value: Any) -> str:
+    """`repr(value)` cut to a few dozen characters, however large or nested the value."""
+    return _REPR.repr(value)
+
+
+def _check_size(value: Any, where: str) -> None:
+    """Refuse a parsed YAML value that expands to more than `MAX_YAML_VALUES` values."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_YAML_VALUES + 1  # a node that contains itself never ends
+        items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > MAX_YAML_VALUES:
+                break
+        sizes[id(node)] = total
+        return total
+
+    try:
+        too_large = size(value) > MAX_YAML_VALUES
+    except RecursionError:
+        too_large = True
+    if too_large:
+        raise OpdistillError(
+            f"{where}: expands to more than {MAX_YAML_VALUES} values (aliases repeating "
+            "large subtrees, or a value that contains itself)"
+        )
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -276,7 +320,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         if value not in get_args(tp):
-            raise OpdistillError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+            raise OpdistillError(f"{key}: {short_repr(value)} is not one of {_type_name(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
@@ -290,38 +334,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except OpdistillError as error:
                 errors.append(str(error))
-        raise OpdistillError(errors[0] if len(errors) == 1 else f"{key}: {value!r} has wrong type")
+        raise OpdistillError(
+            errors[0] if len(errors) == 1 else f"{key}: {short_repr(value)} has wrong type"
+        )
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise OpdistillError(f"{key}: expected a list, got {value!r}")
+            raise OpdistillError(f"{key}: expected a list, got {short_repr(value)}")
         (item_type,) = get_args(tp)
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise OpdistillError(f"{key}: expected a mapping, got {value!r}")
+            raise OpdistillError(f"{key}: expected a mapping, got {short_repr(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise OpdistillError(f"{key}: expected true or false, got {value!r}")
+            raise OpdistillError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise OpdistillError(f"{key}: expected an integer, got {value!r}")
+            raise OpdistillError(f"{key}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise OpdistillError(f"{key}: expected a number, got {value!r}")
+            raise OpdistillError(f"{key}: expected a number, got {short_repr(value)}")
         if not math.isfinite(value):
-            raise OpdistillError(f"{key}: expected a finite number, got {value!r}")
+            raise OpdistillError(f"{key}: expected a finite number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise OpdistillError(f"{key}: expected a string, got {value!r}")
+            raise OpdistillError(f"{key}: expected a string, got {short_repr(value)}")
         return value
     raise OpdistillError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -330,14 +376,16 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise OpdistillError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise OpdistillError(f"{prefix or 'config'}: expected a mapping, got {short_repr(values)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            raise OpdistillError(f"unknown key {dotted!r} (valid: {', '.join(sorted(known))})")
+            raise OpdistillError(
+                f"unknown key {short_repr(dotted)} (valid: {', '.join(sorted(known))})"
+            )
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -345,18 +393,20 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a `Config` from nested plain data."""
     config = _build(Config, values, "")
+    config.train.output_dir = os.path.expanduser(config.train.output_dir)  # ~/x: the home's x
     validate(config)
     return config
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise OpdistillError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+        raise OpdistillError(f"--set {short_repr(item)}: expected key=value, e.g. train.lr=1e-4")
     key, raw = item.split("=", 1)
     try:
         value = yaml.load(raw, Loader=_ConfigLoader) if raw else ""
     except Exception:  # not YAML (or a tag it cannot convert): the text itself
         value = raw
+    _check_size(value, f"--set {short_repr(item)}")
     return key.strip().split("."), value
 
 
@@ -368,16 +418,20 @@ def _check_override(keys: list[str], value: Any, item: str) -> None:
             return  # free-form options (data.task_args): checked by the task
         dotted = ".".join(keys[: depth + 1])
         if not dataclasses.is_dataclass(tp):
-            raise OpdistillError(f"--set {item!r}: {'.'.join(keys[:depth])!r} is not a section")
+            raise OpdistillError(
+                f"--set {short_repr(item)}: {'.'.join(keys[:depth])!r} is not a section"
+            )
         known = {f.name for f in dataclasses.fields(tp)}
         if part not in known:
             valid = ", ".join(sorted(known))
-            raise OpdistillError(f"--set {item!r}: unknown key {dotted!r} (valid: {valid})")
+            raise OpdistillError(
+                f"--set {short_repr(item)}: unknown key {short_repr(dotted)} (valid: {valid})"
+            )
         tp = typing.get_type_hints(tp)[part]
     try:
         _coerce(value, tp, ".".join(keys))
     except OpdistillError as error:
-        raise OpdistillError(f"--set {item!r}: {error}") from None
+        raise OpdistillError(f"--set {short_repr(item)}: {error}") from None
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -424,7 +478,9 @@ def _read_yaml(path: Path) -> Any:
         line = data[: error.start].count(b"\n") + 1
         raise OpdistillError(f"{path}:{line}: not valid UTF-8") from None
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+        values = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+        _check_size(values, str(path))
+        return values
     except yaml.reader.ReaderError as error:
         line = text[: error.position].count("\n") + 1
         raise OpdistillError(
@@ -460,12 +516,105 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         for part in keys[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise OpdistillError(f"--set {item!r}: {part!r} is not a section")
+                raise OpdistillError(f"--set {short_repr(item)}: {part!r} is not a section")
+        if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+            value = _merged(node[keys[-1]], value)  # a section: only the keys given change
         node[keys[-1]] = value
     try:
         return config_from_dict(values)
     except OpdistillError as error:
         raise OpdistillError(f"{path}: {error}" if path else str(error)) from None
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the keys of `update` replaced, sections merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merged(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+_BIG = 10**9
+_SEED = 2**32 - 1  # NumPy seeds are 32-bit
+# Inclusive ranges of the numeric keys: beyond them a run hangs, exhausts memory or overflows.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "model.teacher_timeout": (1e-3, 7 * 86400),
+    "model.lora.r": (0, 4096),
+    "model.lora.alpha": (1e-6, 1e4),
+    "data.train_size": (0, 10**7),
+    "data.eval_size": (0, 10**6),
+    "data.seed": (0, _SEED),
+    "data.max_prompt_tokens": (0, 10**7),
+    "loss.temperature": (1e-3, 100),
+    "loss.top_k": (0, 10**6),
+    "loss.teacher_top_k": (0, 10**6),
+    "loss.chunk_size": (0, 10**7),
+    "loss.taid.alpha": (0, 1),
+    "loss.tip.entropy_power": (0, 100),
+    "loss.tip.divergence_power": (0, 100),
+    "loss.position_weights.tau": (0, 1),
+    "loss.position_weights.s": (1e-6, 1e3),
+    "reward.group_size": (1, 4096),
+    "self_distill.num_demonstrations": (1, 64),
+    "self_distill.demo_attempts": (1, 1024),
+    "self_distill.demo_temperature": (1e-3, 100),
+    "train.steps": (0, _BIG),
+    "train.batch_size": (1, 4096),
+    "train.grad_accum": (1, 4096),
+    "train.max_new_tokens": (1, 65536),
+    "train.temperature": (1e-3, 100),
+    "train.lr": (1e-12, 10),
+    "train.warmup_steps": (0, _BIG),
+    "train.weight_decay": (0, 10),
+    "train.max_grad_norm": (0, 1e6),
+    "train.seed": (0, _SEED),
+    "train.log_every": (1, _BIG),
+    "train.eval_every": (0, _BIG),
+    "train.save_every": (0, _BIG),
+    "train.keep_checkpoints": (0, 10**6),
+    "train.adaptive_source.increase": (0, 1),
+    "train.adaptive_source.threshold": (0, 1e6),
+    "train.adaptive_source.replay_size": (1, 10**7),
+    "train.adaptive_source.validate_every": (0, _BIG),
+    "eval.num_prompts": (0, 10**6),
+    "eval.num_samples": (1, 1024),
+    "eval.max_new_tokens": (1, 65536),
+    "eval.temperature": (1e-3, 100),
+    "eval.batch_size": (1, 65536),
+}
+MAX_STEP_TOKENS = 2**24  # train.batch_size × train.max_new_tokens, sampled per micro-batch
+MAX_EVAL_SAMPLES = 10**7  # eval.num_prompts × eval.num_samples
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e12 else f"{x:g}"
+
+
+def _check_bounds(config: Config) -> None:
+    """Every numeric key within its range in `BOUNDS`, and the memory-sized products bounded."""
+    for key, (low, high) in BOUNDS.items():
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not low <= value <= high:
+            raise OpdistillError(
+                f"{key}={short_repr(value)} is out of range [{_number(low)}, {_number(high)}]"
+            )
+    t, ev = config.train, config.eval
+    if t.batch_size * t.max_new_tokens > MAX_STEP_TOKENS:
+        raise OpdistillError(
+            f"train.batch_size × train.max_new_tokens = {t.batch_size * t.max_new_tokens} "
+            f"tokens per micro-batch exceeds {MAX_STEP_TOKENS}; use train.grad_accum instead"
+        )
+    if ev.num_prompts * ev.num_samples > MAX_EVAL_SAMPLES:
+        raise OpdistillError(
+            f"eval.num_prompts × eval.num_samples = {ev.num_prompts * ev.num_samples} samples "
+            f"exceeds {MAX_EVAL_SAMPLES}"
+        )
+    if not t.output_dir.strip():
+        raise OpdistillError("train.output_dir is empty: name a directory, e.g. runs/my-run")
 
 
 def validate(config: Config) -> None:
@@ -587,6 +736,7 @@ def validate(config: Config) -> None:
                 "train.adaptive_source: replay_reuse must be in [0, 1] and replay_size >= "
                 "train.batch_size"
             )
+    _check_bounds(config)
 
 
 def _validate_teacher_top_k(config: Config) -> None:

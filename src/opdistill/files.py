@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,3 +48,18 @@ def fsync_tree(root: Path, recursive: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def writable(directory: str | Path) -> bool:
+    """Whether files can be created in `directory`, or in the nearest existing folder above it
+    (tried with a temporary file: permissions, read-only file systems, a file in the way)."""
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return True
+    except OSError:
+        return False

@@ -77,14 +77,7 @@ class PromptFit:
 
 def prompt_lengths(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> list[int]:
     """Token counts of the examples' prompts with the chat template (as `chat_prompt` builds)."""
-    if not examples:
-        return []
-    texts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": e.prompt}] for e in examples],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    return [len(chat_prompt(tokenizer, e.prompt)) for e in examples]
 
 
 def _describe(example: Example, index: int, split: str) -> str:
@@ -101,7 +94,9 @@ def _truncate(
     kept part is verbatim.
     """
     prompt = example.prompt
-    encoding = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = tokenizer(
+        prompt, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+    )
     offsets = encoding["offset_mapping"]
     overhead = len(chat_prompt(tokenizer, ""))
     keep = min(len(offsets), limit - overhead)

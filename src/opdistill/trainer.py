@@ -30,28 +30,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from opdistill import run_dir
 from opdistill.adaptive import validation_loss
-from opdistill.batch import Batch, batch_logits, batch_projected, dataset_batch, projectable_head
+from opdistill.batch import (
+    Batch,
+    batch_logits,
+    batch_projected,
+    check_completions,
+    dataset_batch,
+    projectable_head,
+)
 from opdistill.checkpoint import Checkpoints, RandomState
 from opdistill.config import (
     Config,
-    config_to_dict,
     needs_teacher,
     samples_from_teacher,
     samples_teacher_mixture,
 )
 from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
-from opdistill.files import write_atomic
 from opdistill.losses import TaidSchedule, group_advantages
 from opdistill.losses.projected import ProjectedLogits
-from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
+from opdistill.models.loading import (
+    check_tokenizers_match,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+)
 from opdistill.models.lora import add_lora, is_lora, save_merged
 from opdistill.objectives import (
     StepInputs,
@@ -403,18 +413,27 @@ class Trainer:
     # ------------------------------------------------------------------------------ the run
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run `train.steps` steps with logging, evaluation and checkpoints; return final eval."""
+        is_main = self.accelerator.is_main_process
+        with run_dir.RunLock(self.output_dir) if is_main else nullcontext():
+            return self._train(resume and bool(run_dir.contents(self.output_dir)))
+
+    def _train(self, resume: bool) -> dict[str, Any]:
         tc = self.config.train
         is_main = self.accelerator.is_main_process
+        changes = run_dir.resume_changes(self.output_dir, self.config) if resume else {}
         if resume:
             self.load_latest_checkpoint()
-        if is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(
-                self.output_dir / "config.yaml",
-                yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
-            )
-            if resume:  # steps after the checkpoint are run again: drop their records
-                truncate_metrics(self.output_dir / "metrics.jsonl", self.step_count or -1)
+            if self.step_count > tc.steps:
+                raise OpdistillError(
+                    f"--resume: train.steps={tc.steps} is below the step of the newest "
+                    f"checkpoint ({self.step_count}); set train.steps >= {self.step_count}"
+                )
+        if is_main and resume:  # the run's config.yaml stays; what changed is recorded
+            run_dir.record_resume(self.output_dir, self.step_count, changes)
+            # steps after the checkpoint are run again: drop their records
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step_count or -1)
+        elif is_main:
+            run_dir.start(self.output_dir, self.config)
         if self.step_count == 0:
             self._log("data", self.data_report)
         progress = tqdm(
@@ -584,6 +603,7 @@ def build_trainer(config: Config) -> Trainer:
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher = open_teacher(config, tokenizer)  # served or cached: no teacher weights here
     student = load_model(mc.student, mc.dtype)
+    check_vocabulary(student, tokenizer, "model.student")
     if mc.lora.r > 0:
         student = add_lora(student, mc.lora)
     teacher_model = None
@@ -591,6 +611,7 @@ def build_trainer(config: Config) -> Trainer:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
         check_tokenizers_match(teacher_tokenizer, tokenizer)
         teacher_model = load_model(mc.teacher, mc.dtype)
+        check_vocabulary(teacher_model, tokenizer, "model.teacher")
     window = context_window(student, teacher_model)
     if teacher is not None and teacher.context_window:  # prompts fitted as the teacher's were
         window = min(window or teacher.context_window, teacher.context_window)
@@ -608,6 +629,8 @@ def build_trainer(config: Config) -> Trainer:
             ("eval", dc.eval_size, config.eval.max_new_tokens),
         )
     }
+    if config.train.student_data_fraction < 1 and config.train.off_policy_source == "dataset":
+        check_completions(fits["train"].examples)  # every row an off-policy batch may draw
     for split, fit in fits.items():
         if fit.too_long:
             print(f"opdistill: {fit.summary(split)}", file=sys.stderr)

@@ -101,10 +101,31 @@ def load_model(spec: str, dtype: str = "float32") -> PreTrainedModel:
         raise OpdistillError(f"unknown dtype {dtype!r} (valid: {', '.join(DTYPES)})")
     source = _resolve(spec, "model", MODEL_FILES)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], output_loading_info=True
+        )
     except Exception as error:  # transformers, safetensors and torch raise many types
         raise _load_error("causal LM", spec, source, error) from error
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied_names = set(tied) | set(tied.values()) if isinstance(tied, dict) else set(tied)
+    missing = sorted(set(info.get("missing_keys", ())) - tied_names)
+    if missing:  # transformers would start these weights at random
+        raise OpdistillError(
+            f"model {spec!r}: its config.json describes {len(missing)} weights that its weight "
+            f"files do not hold (e.g. {missing[0]}); fix config.json (e.g. num_hidden_layers) "
+            "or the weights"
+        )
     return model
+
+
+def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+    """Refuse a model with fewer embeddings than the tokenizer has tokens."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise OpdistillError(
+            f"{key}: the model has {rows} token embeddings but the tokenizer has "
+            f"{len(tokenizer)} tokens; ids >= {rows} would have no embedding"
+        )
 
 
 def load_model_config(spec: str) -> PretrainedConfig:

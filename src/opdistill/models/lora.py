@@ -51,7 +51,12 @@ def weights_file(model: Any) -> str:
 
 def load_adapter_weights(model: PeftModel, weights: dict[str, Tensor], where: Path) -> None:
     """Restore adapter weights saved by `save_pretrained`."""
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError:  # size mismatch: other adapters or another base model
+        raise OpdistillError(
+            f"checkpoint {where} does not match the student's LoRA adapters"
+        ) from None
     if result.unexpected_keys:
         raise OpdistillError(f"checkpoint {where} does not match the student's LoRA adapters")
 

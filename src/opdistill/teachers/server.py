@@ -35,18 +35,20 @@ import uvicorn
 from safetensors.torch import save as save_tensors
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import PreTrainedModel
 
 from opdistill.batch import left_pad, right_pad, sequence_logits
+from opdistill.config import BOUNDS
 from opdistill.errors import OpdistillError
 from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 from opdistill.prompts import context_window
 from opdistill.teachers.base import topk_from_logits
 
 MODES = ("full", "topk", "token")
+TEMPERATURE_RANGE = BOUNDS["loss.temperature"]
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 DEFAULT_MAX_BATCH_TOKENS = 16384
 FIELDS = ("prompt_ids", "response_ids", "mode", "k", "temperature")
@@ -120,6 +122,9 @@ def parse_score_request(
         raise _Refused(400, f"temperature must be a number, got {_short(temperature)}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise _Refused(400, f"temperature must be a finite number > 0, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:  # beyond, log-softmax overflows to NaN / inf
+        raise _Refused(400, f"temperature={temperature!r} is out of range [{low:g}, {high:g}]")
     longest_prompt = max(len(row) for row in prompts)
     longest_response = max(len(row) for row in responses)
     tokens = len(prompts) * (longest_prompt + longest_response)
@@ -255,6 +260,9 @@ def teacher_app(
                 return await handler(request)
             except _Refused as refused:
                 return _error(refused.status, refused.message)
+            except ClientDisconnect:  # nobody left to answer
+                logger.warning("a client disconnected before its request arrived in full")
+                return Response(status_code=400)
             except Exception:
                 logger.exception("scoring failed")
                 return _error(500, "the teacher failed to score the request; see the server log")
