@@ -98,6 +98,7 @@ def evaluate(
                 texts = decode_responses(tokenizer, batch)
                 greedy_correct += [task.is_correct(e, t) for e, t in zip(chunk, texts, strict=True)]
             result["accuracy"] = sum(greedy_correct) / max(1, len(greedy_correct))
+            result.per_prompt["greedy_correct"] = greedy_correct
 
         repeated = [e for e in examples for _ in range(num_samples)]
         texts: list[str] = []
