@@ -604,11 +604,11 @@ def _validate_teachers(config: Config) -> None:
     mc = config.model
     for index, entry in enumerate(config.data.mix):
         check_mix_entry(entry, f"data.mix[{index}]")
-        named = entry.get("teacher")
-        if named is not None and named not in mc.teachers:
-            valid = ", ".join(mc.teachers) or "none: set model.teachers"
+        named = entry.get("teacher")  # ignored by a single teacher
+        if named is not None and mc.teachers and named not in mc.teachers:
             raise OpdistillError(
-                f"data.mix[{index}].teacher: {named!r} is not one of model.teachers ({valid})"
+                f"data.mix[{index}].teacher: {named!r} is not one of model.teachers "
+                f"({', '.join(mc.teachers)})"
             )
     if not (mc.teachers or mc.teacher_weights):
         return
