@@ -143,6 +143,11 @@ class LossConfig:
     teacher_top_k: int = 0
     # Positions per chunk of the full-vocabulary divergences (0 = chosen from the vocabulary size).
     chunk_size: int = 0
+    # A teacher whose tokenizer differs from the student's: "span" scores each student token with
+    # the teacher's merged log-prob of its text (loss.kind sampled_token), "uld" the
+    # ULD distance between sorted distributions instead of loss.kind's divergence; "off" refuses
+    # a different tokenizer (see docs/teachers.md).
+    cross_tokenizer: Literal["off", "span", "uld"] = "off"
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     taid: TAIDConfig = field(default_factory=TAIDConfig)
     tip: TIPConfig = field(default_factory=TIPConfig)
@@ -576,6 +581,7 @@ def validate(config: Config) -> None:
         )
     _validate_self_distill(config)
     _validate_teachers(config)
+    _validate_cross_tokenizer(config)
     _validate_teacher_top_k(config)
     _validate_teacher_cache(config)
     adaptive = t.adaptive_source
@@ -646,6 +652,52 @@ def _validate_teachers(config: Config) -> None:
             not (samples_from_teacher(config) or samples_teacher_mixture(config)),
             "model.teachers only score: sampling from the teacher (train.off_policy_source="
             "teacher, loss.minillm.teacher_mix > 0) needs a single model.teacher",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
+
+
+def _validate_cross_tokenizer(config: Config) -> None:
+    """`loss.cross_tokenizer`: one in-process teacher, and an objective its answer serves."""
+    from opdistill.losses import DIVERGENCE_KINDS
+    from opdistill.objectives import OBJECTIVES
+
+    loss, mc = config.loss, config.model
+    method = loss.cross_tokenizer
+    if method == "off":
+        return
+    token_kinds = [n for n, o in OBJECTIVES.items() if o.teacher == "token_logprobs"]
+    kinds = token_kinds if method == "span" else list(DIVERGENCE_KINDS)
+    checks = [
+        (
+            loss.kind in kinds,
+            f"loss.cross_tokenizer={method} works with loss.kind in {', '.join(kinds)}, "
+            f"not {loss.kind!r}",
+        ),
+        (
+            bool(mc.teacher) and not is_served_teacher(mc.teacher) and not mc.teacher_cache,
+            f"loss.cross_tokenizer={method} needs model.teacher loaded in this process "
+            "(a path or gguf: spec; not a served teacher, a cache or model.teachers)",
+        ),
+        (
+            mc.tokenizer is None,
+            "loss.cross_tokenizer: remove model.tokenizer (each model keeps its own)",
+        ),
+        (
+            loss.teacher_top_k == 0,
+            "loss.cross_tokenizer cannot be combined with loss.teacher_top_k",
+        ),
+        (loss.tip.mode == "off", "loss.cross_tokenizer cannot be combined with loss.tip"),
+        (
+            config.reward.distill_weight == 1.0,
+            "loss.cross_tokenizer cannot be combined with a reward",
+        ),
+        (
+            not (samples_from_teacher(config) or samples_teacher_mixture(config)),
+            "loss.cross_tokenizer: the teacher only scores; sampling from it "
+            "(train.off_policy_source=teacher, loss.minillm.teacher_mix > 0) is not available",
         ),
     ]
     for ok, message in checks:

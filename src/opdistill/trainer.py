@@ -50,7 +50,7 @@ from opdistill.errors import OpdistillError
 from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import write_atomic
 from opdistill.losses import TaidSchedule, group_advantages
-from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
+from opdistill.models.loading import load_model, load_tokenizer
 from opdistill.models.lora import add_lora, is_lora, save_merged
 from opdistill.objectives import (
     StepInputs,
@@ -75,6 +75,7 @@ from opdistill.teachers import (
     accuracy_by_teacher,
     build_teacher,
     check_answers,
+    cross_tokenizer_teacher,
     open_teacher,
 )
 
@@ -576,7 +577,8 @@ def build_trainer(config: Config) -> Trainer:
     teacher_model = None
     if mc.teacher and teacher is None:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
-        check_tokenizers_match(teacher_tokenizer, tokenizer)
+        teacher = cross_tokenizer_teacher(config, teacher_tokenizer, tokenizer)  # None: same
+    if mc.teacher and teacher is None:
         teacher_model = load_model(mc.teacher, mc.dtype)
     window = context_window(student, teacher_model)
     if teacher is not None and teacher.context_window:  # prompts fitted as the teacher's were

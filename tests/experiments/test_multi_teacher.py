@@ -1,9 +1,12 @@
 import json
 
+import pytest
+
 from opdistill.cli import main
 from opdistill.experiments.multi_teacher import METHODS
 
 
+@pytest.mark.slow
 def test_quick_multi_teacher_suite_reports_each_task(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["demo", "--suite", "multi-teacher", "--quick", "--seeds", "1"]

@@ -4,7 +4,8 @@
 - `privileged` + `context`: self-distillation, the student reading privileged context;
 - `http`: the client of a served teacher; `server`: `opdistill serve-teacher`;
 - `cache`: a teacher read from disk; `cache_writer`: `opdistill cache-teacher`;
-- `multi`: several named teachers, routed per example or mixed per token.
+- `multi`: several named teachers, routed per example or mixed per token;
+- `cross_tokenizer`: a teacher with another tokenizer (span alignment or ULD).
 
 `open_teacher` builds the teachers that need no weights in this process (served, cached) and
 the multi-teacher of `model.teachers`; `build_teacher` every kind from `model.*` /
@@ -39,6 +40,7 @@ __all__ = [
     "accuracy_by_teacher",
     "build_teacher",
     "check_answers",
+    "cross_tokenizer_teacher",
     "model_teacher",
     "open_teacher",
     "routed_teacher",
@@ -87,6 +89,36 @@ def _spec_teacher(spec: str, config: Config, tokenizer: PreTrainedTokenizerBase)
     check_tokenizers_match(load_tokenizer(spec), tokenizer)
     model = load_model(spec, mc.dtype).to(PartialState().device)
     return model_teacher(model, len(tokenizer))
+
+
+def cross_tokenizer_teacher(
+    config: Config,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> Teacher | None:
+    """None when `model.teacher` tokenizes like the student (exact token losses then apply);
+    else the teacher, loaded here, behind `loss.cross_tokenizer`'s alignment, or a one-line
+    error naming both tokenizers when that is "off"."""
+    from opdistill.errors import OpdistillError
+    from opdistill.models.loading import check_tokenizers_match, load_model
+
+    mc, method = config.model, config.loss.cross_tokenizer
+    try:
+        check_tokenizers_match(teacher_tokenizer, student_tokenizer)
+        return None
+    except OpdistillError as error:
+        if method == "off":
+            raise OpdistillError(
+                f"the teacher's tokenizer ({mc.teacher}) and the student's "
+                f"({mc.tokenizer or mc.student}) differ: {error}; set loss.cross_tokenizer to "
+                "span or uld to distil across tokenizers"
+            ) from None
+    from accelerate import PartialState
+
+    from opdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
+
+    model = load_model(mc.teacher, mc.dtype).to(PartialState().device)
+    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, method)
 
 
 def open_teacher(config: Config, tokenizer: PreTrainedTokenizerBase) -> Teacher | None:
