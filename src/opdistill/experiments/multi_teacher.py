@@ -33,7 +33,7 @@ from opdistill.tasks.mixture import MixtureTask, make_mixture
 from opdistill.teachers import Teacher, accuracy_by_teacher, model_teacher, routed_teacher
 from opdistill.trainer import Trainer
 
-VERSION = "1"
+VERSION = "2"
 PARTS = [
     {
         "task": "graph",
@@ -59,13 +59,13 @@ class MultiTeacherSettings:
     """Sizes of the suite; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
 
     teacher_size: tuple[int, int, int] = (96, 2, 4)  # hidden size, layers, heads
-    student_size: tuple[int, int, int] = (48, 2, 4)
+    student_size: tuple[int, int, int] = (64, 2, 4)
     train_size: int = 6000
     eval_prompts: int = 100
-    teacher_steps: int = 300
-    student_init_steps: int = 60
-    method_steps: int = 80
-    batch_size: int = 32
+    teacher_steps: int = 600
+    student_init_steps: int = 200
+    method_steps: int = 100
+    batch_size: int = 16
     teacher_lr: float = 2e-3
     method_lr: float = 1e-3
     max_new_tokens: int = 16
