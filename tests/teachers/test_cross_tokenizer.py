@@ -263,8 +263,12 @@ def test_span_alignment_between_smollm2_and_gemma3_tokenizers():
         merged, exact = merged_token_logprobs(student_blocks, teacher_blocks, logprobs)
         assert sum(merged) == pytest.approx(sum(logprobs))  # no teacher token is lost
         assert 0.6 < sum(exact) / len(exact) <= 1.0  # English words mostly align
-        if student is teacher:
-            assert all(exact)
+        if student is teacher:  # only byte tokens inside one character share a block
+            for i, ok in enumerate(exact):
+                if ok:
+                    assert merged[i] == pytest.approx(logprobs[i])
+                else:
+                    assert student_ends.count(student_ends[i]) > 1
         for b, ok in zip(student_blocks, exact, strict=True):  # exact: one block per token
             if ok:
                 assert student_blocks.count(b) == 1

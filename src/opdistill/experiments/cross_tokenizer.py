@@ -34,7 +34,7 @@ from opdistill.tasks import make_task
 from opdistill.teachers import Teacher, model_teacher
 from opdistill.trainer import Trainer
 
-VERSION = "1"
+VERSION = "2"
 TASK = {"task": "graph", "task_args": {"num_nodes": 8, "path_length": 2, "num_distractors": 1}}
 METRICS = ["accuracy", "pass@1", "pass@4"]
 
@@ -43,15 +43,16 @@ METRICS = ["accuracy", "pass@1", "pass@4"]
 class CrossTokenizerSettings:
     """Sizes of the suite; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
 
-    teacher_size: tuple[int, int, int] = (96, 2, 4)  # hidden size, layers, heads
-    student_size: tuple[int, int, int] = (64, 2, 4)
+    teacher_size: tuple[int, int, int] = (128, 2, 4)  # hidden size, layers, heads
+    student_size: tuple[int, int, int] = (96, 2, 4)
     train_size: int = 6000
     eval_prompts: int = 100
     eval_samples: int = 4
-    teacher_steps: int = 600
-    student_init_steps: int = 100
+    teacher_steps: int = 800
+    student_init_steps: int = 300
     method_steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 16  # on-policy steps
+    sft_batch_size: int = 32  # training the teachers and the initial student
     teacher_lr: float = 2e-3
     method_lr: float = 1e-3
     max_new_tokens: int = 8  # words; the character-level teacher needs 2 per word
@@ -69,6 +70,7 @@ class CrossTokenizerSettings:
             student_init_steps=1,
             method_steps=2,
             batch_size=4,
+            sft_batch_size=4,
         )
 
 
@@ -152,7 +154,10 @@ def prepare(cache_dir: Path, settings: CrossTokenizerSettings, quick: bool = Fal
         started = time.perf_counter()
         tokenizer = tokenizers[vocab]
         model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads)
-        sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0}}
+        sft = {
+            "loss": {"kind": "nll"},
+            "train": {"student_data_fraction": 0.0, "batch_size": settings.sft_batch_size},
+        }
         config = run_config(settings, root / f"{role}_run", steps, 0, settings.teacher_lr, sft)
         print(f"training {role} by SFT: {count_parameters(model) / 1e6:.2f}M parameters")
         Trainer(config, model, tokenizer, task, train).train()

@@ -33,7 +33,7 @@ from opdistill.tasks.mixture import MixtureTask, make_mixture
 from opdistill.teachers import Teacher, accuracy_by_teacher, model_teacher, routed_teacher
 from opdistill.trainer import Trainer
 
-VERSION = "2"
+VERSION = "3"
 PARTS = [
     {
         "task": "graph",
@@ -58,14 +58,15 @@ HEADERS = {
 class MultiTeacherSettings:
     """Sizes of the suite; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
 
-    teacher_size: tuple[int, int, int] = (96, 2, 4)  # hidden size, layers, heads
-    student_size: tuple[int, int, int] = (64, 2, 4)
+    teacher_size: tuple[int, int, int] = (128, 2, 4)  # hidden size, layers, heads
+    student_size: tuple[int, int, int] = (96, 2, 4)
     train_size: int = 6000
     eval_prompts: int = 100
-    teacher_steps: int = 600
-    student_init_steps: int = 200
+    teacher_steps: int = 800
+    student_init_steps: int = 300
     method_steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 16  # on-policy steps
+    sft_batch_size: int = 32  # training the teachers and the initial student
     teacher_lr: float = 2e-3
     method_lr: float = 1e-3
     max_new_tokens: int = 16
@@ -81,6 +82,7 @@ class MultiTeacherSettings:
             student_init_steps=1,
             method_steps=2,
             batch_size=4,
+            sft_batch_size=4,
         )
 
 
@@ -178,7 +180,10 @@ def prepare(cache_dir: Path, settings: MultiTeacherSettings, quick: bool = False
     for role, (hidden, layers, heads), steps, only in roles:
         started = time.perf_counter()
         model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads)
-        sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0, "progress": True}}
+        sft = {
+            "loss": {"kind": "nll"},
+            "train": {"student_data_fraction": 0.0, "batch_size": settings.sft_batch_size},
+        }
         config = run_config(
             settings, root / f"{role}_run", steps, 0, settings.teacher_lr, sft, None
         )
