@@ -453,7 +453,7 @@ class Trainer:
             seed=self.config.data.seed,
         )
         shown = self.eval_examples[: self.config.eval.num_prompts]
-        correct = result.per_prompt.get("greedy_correct")
+        correct = result.greedy_correct
         result.update(accuracy_by_teacher(shown, correct, self.config.model.teacher_field))
         return result
 

@@ -34,7 +34,7 @@ from opdistill.tasks import make_task
 from opdistill.teachers import Teacher, model_teacher
 from opdistill.trainer import Trainer
 
-VERSION = "2"
+VERSION = "3"
 TASK = {"task": "graph", "task_args": {"num_nodes": 8, "path_length": 2, "num_distractors": 1}}
 METRICS = ["accuracy", "pass@1", "pass@4"]
 
@@ -43,14 +43,14 @@ METRICS = ["accuracy", "pass@1", "pass@4"]
 class CrossTokenizerSettings:
     """Sizes of the suite; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
 
-    teacher_size: tuple[int, int, int] = (128, 2, 4)  # hidden size, layers, heads
-    student_size: tuple[int, int, int] = (96, 2, 4)
+    teacher_size: tuple[int, int, int] = (96, 2, 4)  # hidden size, layers, heads
+    student_size: tuple[int, int, int] = (64, 2, 4)
     train_size: int = 6000
-    eval_prompts: int = 100
+    eval_prompts: int = 60
     eval_samples: int = 4
-    teacher_steps: int = 800
+    teacher_steps: int = 300
     student_init_steps: int = 300
-    method_steps: int = 100
+    method_steps: int = 50
     batch_size: int = 16  # on-policy steps
     sft_batch_size: int = 32  # training the teachers and the initial student
     teacher_lr: float = 2e-3

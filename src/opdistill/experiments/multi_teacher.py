@@ -33,7 +33,7 @@ from opdistill.tasks.mixture import MixtureTask, make_mixture
 from opdistill.teachers import Teacher, accuracy_by_teacher, model_teacher, routed_teacher
 from opdistill.trainer import Trainer
 
-VERSION = "3"
+VERSION = "4"
 PARTS = [
     {
         "task": "graph",
@@ -58,13 +58,13 @@ HEADERS = {
 class MultiTeacherSettings:
     """Sizes of the suite; `quick` shrinks everything for smoke tests (numbers not meaningful)."""
 
-    teacher_size: tuple[int, int, int] = (128, 2, 4)  # hidden size, layers, heads
-    student_size: tuple[int, int, int] = (96, 2, 4)
+    teacher_size: tuple[int, int, int] = (96, 2, 4)  # hidden size, layers, heads
+    student_size: tuple[int, int, int] = (64, 2, 4)
     train_size: int = 6000
-    eval_prompts: int = 100
-    teacher_steps: int = 800
+    eval_prompts: int = 60
+    teacher_steps: int = 300
     student_init_steps: int = 300
-    method_steps: int = 100
+    method_steps: int = 50
     batch_size: int = 16  # on-policy steps
     sft_batch_size: int = 32  # training the teachers and the initial student
     teacher_lr: float = 2e-3
@@ -205,7 +205,7 @@ def _evaluate(model, tokenizer, task, evals, config: Config) -> dict[str, float]
     shown = evals[: config.eval.num_prompts]
     return {
         "accuracy": result["accuracy"],
-        **accuracy_by_teacher(shown, result.per_prompt["greedy_correct"], "task"),
+        **accuracy_by_teacher(shown, result.greedy_correct, "task"),
     }
 
 
