@@ -31,7 +31,7 @@ from opdistill.experiments.demo import merge_options, report_results, slug
 from opdistill.models.loading import count_parameters, tiny_llama
 from opdistill.models.tokenizers import build_char_tokenizer, build_word_tokenizer
 from opdistill.tasks import make_task
-from opdistill.teachers import Teacher, model_teacher
+from opdistill.teachers import Teacher, aligned_teacher, model_teacher
 from opdistill.trainer import Trainer
 
 VERSION = "3"
@@ -174,8 +174,6 @@ def run_cross_tokenizer_suite(
     """Run the suite; return what it writes to `results.json`."""
     from transformers.utils import logging as hf_logging
 
-    from opdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
-
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     settings = CrossTokenizerSettings.quick() if quick else CrossTokenizerSettings()
@@ -215,7 +213,7 @@ def run_cross_tokenizer_suite(
             teacher = model_teacher(nets["word"], len(tokenizers["word"]))
         elif vocab == "char":
             method_name = config.loss.cross_tokenizer
-            teacher = CrossTokenizerTeacher(
+            teacher = aligned_teacher(
                 nets["char"], tokenizers["char"], tokenizers["word"], method_name
             )
         student = copy.deepcopy(student_init)

@@ -38,6 +38,7 @@ __all__ = [
     "TeacherCannotAnswer",
     "TopKLogprobs",
     "accuracy_by_teacher",
+    "aligned_teacher",
     "build_teacher",
     "check_answers",
     "cross_tokenizer_teacher",
@@ -91,6 +92,19 @@ def _spec_teacher(spec: str, config: Config, tokenizer: PreTrainedTokenizerBase)
     return model_teacher(model, len(tokenizer))
 
 
+def aligned_teacher(
+    model: PreTrainedModel,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    method: str,
+) -> Teacher:
+    """`model` (with `teacher_tokenizer`) scoring responses of a student with another tokenizer,
+    by `method` "span" or "uld" (see `opdistill.teachers.cross_tokenizer`)."""
+    from opdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
+
+    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, method)
+
+
 def cross_tokenizer_teacher(
     config: Config,
     teacher_tokenizer: PreTrainedTokenizerBase,
@@ -115,10 +129,8 @@ def cross_tokenizer_teacher(
             ) from None
     from accelerate import PartialState
 
-    from opdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
-
     model = load_model(mc.teacher, mc.dtype).to(PartialState().device)
-    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, method)
+    return aligned_teacher(model, teacher_tokenizer, student_tokenizer, method)
 
 
 def open_teacher(config: Config, tokenizer: PreTrainedTokenizerBase) -> Teacher | None:
