@@ -179,3 +179,38 @@ eval: {{num_prompts: 4, num_samples: 2, ks: [1, 2], max_new_tokens: 4}}
     copies = {p.name for p in checkpoint.glob("*_copy.safetensors")}
     assert copies == ({"teacher_copy.safetensors"} if weights in ("frozen", "ema") else set())
     assert main(["train", str(path), "--resume", "--set", "train.steps=3"]) == 0
+
+
+def test_two_teachers_over_weighted_jsonl_files(tmp_path, saved_pair, capsys):
+    """model.teachers loaded from paths; rows routed by their `teacher` column or their part."""
+    files = {}
+    for name, goals in (("near", "BCD"), ("far", "EFGH")):
+        rows = [{"prompt": f"path from A to {g} .", "completion": f"A {g}"} for g in goals]
+        rows[0]["teacher"] = "small"  # a row's own column wins over its part's teacher
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path = tmp_path / "multi.yaml"
+    path.write_text(f"""
+model:
+  student: {saved_pair / "student"}
+  teachers: {{big: {saved_pair / "teacher"}, small: {saved_pair / "student"}}}
+data:
+  mix:
+    - {{task: jsonl, name: near, task_args: {{train_path: {files["near"]}}}, teacher: big}}
+    - {{task: jsonl, name: far, task_args: {{train_path: {files["far"]}}}, weight: 2}}
+  train_size: 6
+  eval_size: 0
+loss: {{kind: reverse_kl}}
+train: {{steps: 2, batch_size: 3, max_new_tokens: 3, output_dir: {tmp_path / "out"},
+         progress: false, log_every: 1}}
+eval: {{num_prompts: 0, num_samples: 2, ks: [1, 2], max_new_tokens: 3}}
+""")
+    assert main(["train", str(path)]) == 2  # 'far' rows without a teacher and no weights
+    assert "has no 'teacher' field and model.teacher_weights is empty" in capsys.readouterr().err
+    assert main(["train", str(path), "--overwrite", "--set", "model.teacher_weights={big: 1}"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    logged = {key for r in records if r["split"] == "train" for key in r}
+    assert {"teacher/big/loss", "teacher/mixture/loss"} <= logged
+    files["far"].write_text('{"prompt": "x", "teacher": 3}\n')
+    assert main(["train", str(path), "--overwrite"]) == 2
+    assert f"{files['far']}:1: 'teacher' must be a non-empty string" in capsys.readouterr().err

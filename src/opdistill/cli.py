@@ -208,6 +208,18 @@ def _demo(args: argparse.Namespace) -> None:
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
         run_self_distill_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
         return
+    if args.suite == "multi-teacher":
+        from opdistill.experiments.multi_teacher import run_multi_teacher_suite
+
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        run_multi_teacher_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
+        return
+    if args.suite == "cross-tokenizer":
+        from opdistill.experiments.cross_tokenizer import run_cross_tokenizer_suite
+
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        run_cross_tokenizer_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
+        return
     results = run_demo(
         output_dir=Path(output_dir),
         suite=args.suite,
@@ -267,11 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--suite",
-        choices=["default", "objectives", "self-distill"],
+        choices=["default", "objectives", "self-distill", "multi-teacher", "cross-tokenizer"],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
         "objective on the graph and arithmetic tasks; self-distill: self-distillation's "
-        "diversity cost against RL and GKD, in and out of distribution",
+        "diversity cost against RL and GKD, in and out of distribution; multi-teacher: one "
+        "student from a graph and an arithmetic teacher at once; cross-tokenizer: a "
+        "character-level teacher into a word-level student",
     )
     demo.add_argument(
         "--output-dir",

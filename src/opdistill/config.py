@@ -64,6 +64,12 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Several teachers, {NAME: SPEC} with SPEC as for `teacher`: an example is scored by the
+    # teacher its `meta[teacher_field]` names (the JSONL `teacher` column, a `data.mix` part's
+    # `teacher`), else by the mixture Σ w·p of `teacher_weights` {NAME: w} (see docs/teachers.md).
+    teachers: dict[str, str] = field(default_factory=dict)
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    teacher_field: str = "teacher"
 
 
 @dataclass
@@ -78,6 +84,9 @@ class DataConfig:
     max_prompt_tokens: int = 0  # 0: the model's context window minus max_new_tokens
     long_prompts: Literal["reject", "truncate", "drop"] = "reject"
     truncation_side: Literal["left", "right"] = "left"  # left keeps the end of the prompt
+    # A mixture of tasks instead of `task`: [{task, task_args, weight, teacher, name}, ...]; each
+    # split draws from the parts in proportion to `weight` (see docs/teachers.md).
+    mix: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +149,11 @@ class LossConfig:
     # of positions at a time, never forming [B, R, V] logits: "auto" when the logits of a step
     # would exceed 2^24 elements (64 MiB in fp32) and the model allows it (a plain linear head).
     output_chunking: Literal["auto", "on", "off"] = "auto"
+    # A teacher whose tokenizer differs from the student's: "span" scores each student token with
+    # the teacher's merged log-prob of its text (loss.kind sampled_token), "uld" the
+    # ULD distance between sorted distributions instead of loss.kind's divergence; "off" refuses
+    # a different tokenizer (see docs/teachers.md).
+    cross_tokenizer: Literal["off", "span", "uld"] = "off"
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     taid: TAIDConfig = field(default_factory=TAIDConfig)
     tip: TIPConfig = field(default_factory=TIPConfig)
@@ -664,7 +678,9 @@ def validate(config: Config) -> None:
         objective.check(config)
     if not config.model.student:
         raise OpdistillError("model.student is required (a local path or hub id)")
-    if needs_teacher(config) and not (config.model.teacher or config.model.teacher_cache):
+    if needs_teacher(config) and not (
+        config.model.teacher or config.model.teacher_cache or config.model.teachers
+    ):
         raise OpdistillError(
             f"model.teacher is required for loss.kind={loss.kind!r} "
             f"with off_policy_source={t.off_policy_source!r}"
@@ -717,6 +733,8 @@ def validate(config: Config) -> None:
             f"{what} learns from the student's own samples: set train.student_data_fraction=1"
         )
     _validate_self_distill(config)
+    _validate_teachers(config)
+    _validate_cross_tokenizer(config)
     _validate_teacher_top_k(config)
     _validate_teacher_cache(config)
     adaptive = t.adaptive_source
@@ -737,6 +755,108 @@ def validate(config: Config) -> None:
                 "train.batch_size"
             )
     _check_bounds(config)
+
+
+def _validate_teachers(config: Config) -> None:
+    """`model.teachers` / `teacher_weights` / `teacher_field` and `data.mix`."""
+    from opdistill.tasks.mixture import check_mix_entry
+
+    mc = config.model
+    for index, entry in enumerate(config.data.mix):
+        check_mix_entry(entry, f"data.mix[{index}]")
+        named = entry.get("teacher")  # ignored by a single teacher
+        if named is not None and mc.teachers and named not in mc.teachers:
+            raise OpdistillError(
+                f"data.mix[{index}].teacher: {named!r} is not one of model.teachers "
+                f"({', '.join(mc.teachers)})"
+            )
+    if not (mc.teachers or mc.teacher_weights):
+        return
+    for name, spec in mc.teachers.items():
+        if not (isinstance(name, str) and name and name != "mixture"):
+            raise OpdistillError(f"model.teachers: {name!r} is not a valid teacher name")
+        if not (isinstance(spec, str) and spec):
+            raise OpdistillError(
+                f"model.teachers.{name}: expected a path, gguf: spec or http(s) URL, got {spec!r}"
+            )
+    for name, weight in mc.teacher_weights.items():
+        if name not in mc.teachers:
+            raise OpdistillError(
+                f"model.teacher_weights.{name}: not one of model.teachers "
+                f"({', '.join(mc.teachers) or 'none'})"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise OpdistillError(f"model.teacher_weights.{name}: must be a number >= 0")
+    checks = [
+        (bool(mc.teachers), "model.teacher_weights needs model.teachers"),
+        (
+            not mc.teacher_weights or sum(mc.teacher_weights.values()) > 0,
+            "model.teacher_weights: at least one weight must be > 0",
+        ),
+        (bool(mc.teacher_field), "model.teacher_field must be a non-empty string"),
+        (
+            not (mc.teacher or mc.teacher_cache),
+            "model.teachers replaces model.teacher / model.teacher_cache: remove those",
+        ),
+        (
+            not config.self_distill.enabled,
+            "self_distill.enabled: the teacher is the student itself; remove model.teachers",
+        ),
+        (
+            not (samples_from_teacher(config) or samples_teacher_mixture(config)),
+            "model.teachers only score: sampling from the teacher (train.off_policy_source="
+            "teacher, loss.minillm.teacher_mix > 0) needs a single model.teacher",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
+
+
+def _validate_cross_tokenizer(config: Config) -> None:
+    """`loss.cross_tokenizer`: one in-process teacher, and an objective its answer serves."""
+    from opdistill.losses import DIVERGENCE_KINDS
+    from opdistill.objectives import OBJECTIVES
+
+    loss, mc = config.loss, config.model
+    method = loss.cross_tokenizer
+    if method == "off":
+        return
+    token_kinds = [n for n, o in OBJECTIVES.items() if o.teacher == "token_logprobs"]
+    kinds = token_kinds if method == "span" else list(DIVERGENCE_KINDS)
+    checks = [
+        (
+            loss.kind in kinds,
+            f"loss.cross_tokenizer={method} works with loss.kind in {', '.join(kinds)}, "
+            f"not {loss.kind!r}",
+        ),
+        (
+            bool(mc.teacher) and not is_served_teacher(mc.teacher) and not mc.teacher_cache,
+            f"loss.cross_tokenizer={method} needs model.teacher loaded in this process "
+            "(a path or gguf: spec; not a served teacher, a cache or model.teachers)",
+        ),
+        (
+            mc.tokenizer is None,
+            "loss.cross_tokenizer: remove model.tokenizer (each model keeps its own)",
+        ),
+        (
+            loss.teacher_top_k == 0,
+            "loss.cross_tokenizer cannot be combined with loss.teacher_top_k",
+        ),
+        (loss.tip.mode == "off", "loss.cross_tokenizer cannot be combined with loss.tip"),
+        (
+            config.reward.distill_weight == 1.0,
+            "loss.cross_tokenizer cannot be combined with a reward",
+        ),
+        (
+            not (samples_from_teacher(config) or samples_teacher_mixture(config)),
+            "loss.cross_tokenizer: the teacher only scores; sampling from it "
+            "(train.off_policy_source=teacher, loss.minillm.teacher_mix > 0) is not available",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(message)
 
 
 def _validate_teacher_top_k(config: Config) -> None:

@@ -37,6 +37,7 @@ from opdistill.losses import (
     token_logprobs,
     token_nll,
     topk_divergence,
+    uld_distance,
     vopd_loss,
     weighted_token_mean,
 )
@@ -329,6 +330,8 @@ def distillation_loss(
             f"loss.kind={objective.name!r} needs the teacher's full logits; top-k teacher "
             f"log-probs (loss.teacher_top_k > 0) serve {sparse}"
         )
+    if config.loss.cross_tokenizer == "uld":  # teacher logits over its own vocabulary
+        return uld_distance(student_logits, teacher_logits, config.loss.temperature)
     return objective.loss(LossInputs(config.loss, student_logits, teacher_logits, batch, t))
 
 

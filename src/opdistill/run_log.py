@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ class StepStats:
     seconds: float
     reward: float | None = None
     context_fraction: float | None = None  # self-distillation: teacher rows with context
+    teacher_metrics: dict[str, float] = field(default_factory=dict)  # e.g. per-teacher losses
 
 
 class RunLog:
@@ -82,7 +83,12 @@ def summarise_window(window: Sequence[StepStats]) -> dict[str, float]:
     """The means over the steps since the last train record."""
     rewards = [s.reward for s in window if s.reward is not None]
     contexts = [s.context_fraction for s in window if s.context_fraction is not None]
+    per_teacher: dict[str, list[float]] = {}
+    for stats in window:
+        for name, value in stats.teacher_metrics.items():
+            per_teacher.setdefault(name, []).append(value)
     return {
+        **{name: float(np.mean(values)) for name, values in per_teacher.items()},
         **({"reward": float(np.mean(rewards))} if rewards else {}),
         **({"context_fraction": float(np.mean(contexts))} if contexts else {}),
         "loss": float(np.mean([s.loss for s in window])),

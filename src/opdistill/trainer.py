@@ -57,7 +57,6 @@ from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.losses import TaidSchedule, group_advantages
 from opdistill.losses.projected import ProjectedLogits
 from opdistill.models.loading import (
-    check_tokenizers_match,
     check_vocabulary,
     load_model,
     load_tokenizer,
@@ -81,7 +80,16 @@ from opdistill.run_log import RunLog, StepStats, summarise_window, truncate_metr
 from opdistill.stream import ExampleStream
 from opdistill.tasks import make_task
 from opdistill.tasks.base import Example, Task
-from opdistill.teachers import Teacher, TopKLogprobs, build_teacher, check_answers, open_teacher
+from opdistill.tasks.mixture import make_mixture
+from opdistill.teachers import (
+    Teacher,
+    TopKLogprobs,
+    accuracy_by_teacher,
+    build_teacher,
+    check_answers,
+    cross_tokenizer_teacher,
+    open_teacher,
+)
 
 __all__ = ["ExampleStream", "StepStats", "Trainer", "build_trainer", "truncate_metrics"]
 
@@ -261,6 +269,8 @@ class Trainer:
                     batch,
                     StepInputs(taid_t=taid_t, advantages=advantages),
                 )
+                if self.teacher is not None and teacher_scores is not None:
+                    self.teacher.observe(batch, per_token, student_logits)
                 weights = None
                 if uses_token_weights(self.config):  # TIP selection, position weights
                     weights = token_weights(
@@ -295,7 +305,8 @@ class Trainer:
             lr=lr,
             seconds=time.perf_counter() - started,
             reward=mean_reward,
-            context_fraction=teacher_metrics.get("context_fraction"),
+            context_fraction=teacher_metrics.pop("context_fraction", None),
+            teacher_metrics=teacher_metrics,
         )
 
     def _next_batch(self, on_policy: bool) -> Batch:
@@ -478,7 +489,7 @@ class Trainer:
         if not self.eval_examples:
             return {}
         reports = self.teacher is not None and self.teacher.reports_distance
-        return evaluate_with_config(
+        result = evaluate_with_config(
             self.accelerator.unwrap_model(self.student),
             self.tokenizer,
             self.task,
@@ -487,6 +498,10 @@ class Trainer:
             teacher=self.teacher if reports else None,
             seed=self.config.data.seed,
         )
+        shown = self.eval_examples[: self.config.eval.num_prompts]
+        correct = result.greedy_correct
+        result.update(accuracy_by_teacher(shown, correct, self.config.model.teacher_field))
+        return result
 
     def validation_loss(self) -> float:
         """DistiLLM's validation divergence on held-out reference completions."""
@@ -599,7 +614,8 @@ def _check_launch(accelerator: Accelerator) -> None:
 def build_trainer(config: Config) -> Trainer:
     """Load tokenizer, models and task data named by `config` and return a ready `Trainer`."""
     mc, dc = config.model, config.data
-    task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
+    # cheap checks first, before loading weights
+    task = make_mixture(dc.mix) if dc.mix else make_task(dc.task, **dc.task_args)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher = open_teacher(config, tokenizer)  # served or cached: no teacher weights here
     student = load_model(mc.student, mc.dtype)
@@ -609,7 +625,8 @@ def build_trainer(config: Config) -> Trainer:
     teacher_model = None
     if mc.teacher and teacher is None:
         teacher_tokenizer = load_tokenizer(mc.teacher) if mc.tokenizer is None else tokenizer
-        check_tokenizers_match(teacher_tokenizer, tokenizer)
+        teacher = cross_tokenizer_teacher(config, teacher_tokenizer, tokenizer)  # None: same
+    if mc.teacher and teacher is None:
         teacher_model = load_model(mc.teacher, mc.dtype)
         check_vocabulary(teacher_model, tokenizer, "model.teacher")
     window = context_window(student, teacher_model)

@@ -38,7 +38,8 @@ class EvalMetrics(dict[str, float]):
         defined per prompt: `num_correct`, `distinct_correct`, `self_bleu`,
         `semantic_diversity` (each present when the metric of that name is).
     samples: the `num_samples` decoded responses of each prompt.
-    Both are plain attributes: copying the dict (`dict(m)`, `{**m}`) drops them.
+    greedy_correct: whether each prompt's greedy response is correct (tasks with a verifier).
+    These are plain attributes: copying the dict (`dict(m)`, `{**m}`) drops them.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class EvalMetrics(dict[str, float]):
         super().__init__(metrics or {})
         self.per_prompt: dict[str, list[float]] = per_prompt or {}
         self.samples: list[list[str]] = samples or []
+        self.greedy_correct: list[bool] = []
 
 
 @torch.no_grad()
@@ -100,6 +102,7 @@ def evaluate(
                 texts = decode_responses(tokenizer, batch)
                 greedy_correct += [task.is_correct(e, t) for e, t in zip(chunk, texts, strict=True)]
             result["accuracy"] = sum(greedy_correct) / max(1, len(greedy_correct))
+            result.greedy_correct = greedy_correct
 
         repeated = [e for e in examples for _ in range(num_samples)]
         texts: list[str] = []

@@ -26,6 +26,7 @@ from opdistill.losses.sampled import (
 from opdistill.losses.selection import position_weights, tip_weights, weighted_token_mean
 from opdistill.losses.taid import TaidSchedule, taid_loss
 from opdistill.losses.topk import log1mexp, topk_divergence
+from opdistill.losses.uld import uld_distance
 
 __all__ = [
     "DIVERGENCE_KINDS",
@@ -54,6 +55,7 @@ __all__ = [
     "token_mean",
     "token_nll",
     "topk_divergence",
+    "uld_distance",
     "vopd_loss",
     "weighted_token_mean",
 ]

@@ -13,10 +13,15 @@ from opdistill.models.loading import (
     truncated_copy,
 )
 from opdistill.models.lora import add_lora, is_lora
-from opdistill.models.tokenizers import build_word_tokenizer, tokenizer_fingerprint
+from opdistill.models.tokenizers import (
+    build_char_tokenizer,
+    build_word_tokenizer,
+    tokenizer_fingerprint,
+)
 
 __all__ = [
     "add_lora",
+    "build_char_tokenizer",
     "build_word_tokenizer",
     "check_model_paths",
     "check_tokenizers_match",

@@ -9,6 +9,7 @@ from opdistill.errors import OpdistillError
 from opdistill.tasks.arithmetic import ArithmeticTask, parse_natural_answer
 from opdistill.tasks.base import Example, Task
 from opdistill.tasks.graph import GraphTask
+from opdistill.tasks.mixture import MixtureTask, make_mixture
 from opdistill.tasks.user_data import (
     HFDatasetTask,
     JsonlTask,
@@ -54,10 +55,12 @@ __all__ = [
     "GraphTask",
     "HFDatasetTask",
     "JsonlTask",
+    "MixtureTask",
     "Task",
     "UserDataTask",
     "load_hf_dataset",
     "load_jsonl",
+    "make_mixture",
     "make_task",
     "parse_natural_answer",
 ]

@@ -1,9 +1,10 @@
 """Tasks from the user's own data: JSONL files or any `datasets` dataset on disk.
 
 Each row has a `prompt` (required, non-empty string) and optionally a `completion` and a
-`reference` (strings) and an `answer` (string or number). Rows with an `answer` can be verified:
-a response is correct when the text after its last "####" (or the whole response if there is
-none) equals the answer, ignoring whitespace differences.
+`reference` (strings), an `answer` (string or number) and a `teacher` (the name of the teacher
+that scores it in a multi-teacher run, kept in `Example.meta["teacher"]`). Rows with an
+`answer` can be verified: a response is correct when the text after its last "####" (or the
+whole response if there is none) equals the answer, ignoring whitespace differences.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def row_to_example(
             _check_unicode(value, col, where)
         texts[key] = value
     meta: dict[str, Any] = {"source": where}
+    teacher = row.get("teacher")
+    if teacher is not None:
+        if not isinstance(teacher, str) or not teacher:
+            raise OpdistillError(f"{where}: 'teacher' must be a non-empty string (a teacher name)")
+        meta["teacher"] = teacher
     answer = row.get(answer_field)
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):

@@ -3,11 +3,13 @@
 - `base`: the protocol, `TopKLogprobs` and `ModelTeacher` (a causal LM in this process);
 - `privileged` + `context`: self-distillation, the student reading privileged context;
 - `http`: the client of a served teacher; `server`: `opdistill serve-teacher`;
-- `cache`: a teacher read from disk; `cache_writer`: `opdistill cache-teacher`.
+- `cache`: a teacher read from disk; `cache_writer`: `opdistill cache-teacher`;
+- `multi`: several named teachers, routed per example or mixed per token;
+- `cross_tokenizer`: a teacher with another tokenizer (span alignment or ULD).
 
 `open_teacher` builds the teachers that need no weights in this process (served, cached) and
-`build_teacher` every kind from `model.*` / `self_distill.*`; code outside this package uses
-these and the protocol, never a concrete class.
+the multi-teacher of `model.teachers`; `build_teacher` every kind from `model.*` /
+`self_distill.*`; code outside this package uses these and the protocol, never a concrete class.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from opdistill.teachers.base import (
     check_answers,
     topk_from_logits,
 )
+from opdistill.teachers.multi import accuracy_by_teacher
 
 __all__ = [
     "ALL_ANSWERS",
@@ -34,10 +37,14 @@ __all__ = [
     "Teacher",
     "TeacherCannotAnswer",
     "TopKLogprobs",
+    "accuracy_by_teacher",
+    "aligned_teacher",
     "build_teacher",
     "check_answers",
+    "cross_tokenizer_teacher",
     "model_teacher",
     "open_teacher",
+    "routed_teacher",
     "served_teacher",
     "topk_from_logits",
 ]
@@ -60,10 +67,82 @@ def served_teacher(
     return remote_teacher_for(url, tokenizer, token_env, timeout)
 
 
+def routed_teacher(
+    teachers: dict[str, Teacher], weights: dict[str, float] | None = None, field: str = "teacher"
+) -> Teacher:
+    """Named teachers: each example scored by the one its `meta[field]` names, else by the
+    per-token mixture of `weights` (see `opdistill.teachers.multi`)."""
+    from opdistill.teachers.multi import RoutedTeacher
+
+    return RoutedTeacher(teachers, weights, field)
+
+
+def _spec_teacher(spec: str, config: Config, tokenizer: PreTrainedTokenizerBase) -> Teacher:
+    """One entry of `model.teachers`: a served URL, or a model loaded here (on the run's device)
+    whose tokenizer must match the student's."""
+    mc = config.model
+    if is_served_teacher(spec):
+        return served_teacher(spec, tokenizer, mc.teacher_token_env, mc.teacher_timeout)
+    from accelerate import PartialState
+
+    from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
+
+    check_tokenizers_match(load_tokenizer(spec), tokenizer)
+    model = load_model(spec, mc.dtype).to(PartialState().device)
+    return model_teacher(model, len(tokenizer))
+
+
+def aligned_teacher(
+    model: PreTrainedModel,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    method: str,
+) -> Teacher:
+    """`model` (with `teacher_tokenizer`) scoring responses of a student with another tokenizer,
+    by `method` "span" or "uld" (see `opdistill.teachers.cross_tokenizer`)."""
+    from opdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
+
+    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, method)
+
+
+def cross_tokenizer_teacher(
+    config: Config,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> Teacher | None:
+    """None when `model.teacher` tokenizes like the student (exact token losses then apply);
+    else the teacher, loaded here, behind `loss.cross_tokenizer`'s alignment, or a one-line
+    error naming both tokenizers when that is "off"."""
+    from opdistill.errors import OpdistillError
+    from opdistill.models.loading import check_tokenizers_match, load_model
+
+    mc, method = config.model, config.loss.cross_tokenizer
+    try:
+        check_tokenizers_match(teacher_tokenizer, student_tokenizer)
+        return None
+    except OpdistillError as error:
+        if method == "off":
+            raise OpdistillError(
+                f"the teacher's tokenizer ({mc.teacher}) and the student's "
+                f"({mc.tokenizer or mc.student}) differ: {error}; set loss.cross_tokenizer to "
+                "span or uld to distil across tokenizers"
+            ) from None
+    from accelerate import PartialState
+
+    model = load_model(mc.teacher, mc.dtype).to(PartialState().device)
+    return aligned_teacher(model, teacher_tokenizer, student_tokenizer, method)
+
+
 def open_teacher(config: Config, tokenizer: PreTrainedTokenizerBase) -> Teacher | None:
     """The teacher of `config.model` that holds no weights here: a teacher cache or a served
-    teacher (checked against `tokenizer` now); None for an in-process or no teacher."""
+    teacher (checked against `tokenizer` now), or the multi-teacher of `model.teachers` (its
+    in-process models loaded now); None for a single in-process or no teacher."""
     mc = config.model
+    if mc.teachers:
+        teachers = {
+            name: _spec_teacher(spec, config, tokenizer) for name, spec in mc.teachers.items()
+        }
+        return routed_teacher(teachers, mc.teacher_weights, mc.teacher_field)
     if mc.teacher_cache:
         from opdistill.models.tokenizers import tokenizer_fingerprint
         from opdistill.teachers.cache import CachedTeacher

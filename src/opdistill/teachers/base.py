@@ -134,6 +134,11 @@ class Teacher(Protocol):
     def token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
         return self.topk(batch, 0, temperature).token_logprobs
 
+    def observe(self, batch: Batch, per_token: Tensor, student_logits: Tensor) -> None:
+        """Called with each micro-batch's per-token loss [B, R] and the student's logits after
+        this teacher scored it (a multi-teacher splits its statistics by teacher here)."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Per-step statistics for the training log (reset when read)."""
         return {}
