@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,10 @@ class StepStats:
     seconds: float
     reward: float | None = None
     context_fraction: float | None = None  # self-distillation: teacher rows with context
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (`timing.PHASES`)
+    generated_tokens: int = 0  # response tokens sampled by this step's rollouts (this process)
+    staleness: float = 0.0  # optimizer steps between the sampling weights and these (mean)
+    sampler_mismatch: float | None = None  # mean |log π_learner − log π_sampler| per token
 
 
 class RunLog:
@@ -82,9 +86,25 @@ def summarise_window(window: Sequence[StepStats]) -> dict[str, float]:
     """The means over the steps since the last train record."""
     rewards = [s.reward for s in window if s.reward is not None]
     contexts = [s.context_fraction for s in window if s.context_fraction is not None]
+    mismatches = [s.sampler_mismatch for s in window if s.sampler_mismatch is not None]
+    phases = sorted({name for s in window for name in s.phases})
+    seconds = {
+        f"seconds_{name}": float(np.mean([s.phases.get(name, 0.0) for s in window]))
+        for name in phases
+    }
+    generation = sum(s.phases.get("generation", 0.0) for s in window)
+    generated = sum(s.generated_tokens for s in window)
     return {
         **({"reward": float(np.mean(rewards))} if rewards else {}),
         **({"context_fraction": float(np.mean(contexts))} if contexts else {}),
+        **({"sampler_mismatch": float(np.mean(mismatches))} if mismatches else {}),
+        **seconds,
+        **(
+            {"generated_tokens_per_second": generated / generation}
+            if generated and generation > 0
+            else {}
+        ),
+        "staleness": float(np.mean([s.staleness for s in window])),
         "loss": float(np.mean([s.loss for s in window])),
         "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
         "tokens_per_step": float(np.mean([s.num_tokens for s in window])),
