@@ -63,12 +63,19 @@ from opdistill.objectives import (
 )
 from opdistill.prompts import context_window, fit_split
 from opdistill.replay import ReplayBuffer
-from opdistill.rollout import RolloutBackend, build_samplers, decode_responses
+from opdistill.rollout import (
+    RolloutBackend,
+    SamplerMismatch,
+    build_samplers,
+    decode_responses,
+    push_weights,
+)
 from opdistill.run_log import RunLog, StepStats, summarise_window, truncate_metrics
 from opdistill.stream import ExampleStream
 from opdistill.tasks import make_task
 from opdistill.tasks.base import Example, Task
 from opdistill.teachers import Teacher, TopKLogprobs, build_teacher, check_answers, open_teacher
+from opdistill.timing import PhaseTimer
 
 __all__ = ["ExampleStream", "StepStats", "Trainer", "build_trainer", "truncate_metrics"]
 
@@ -200,7 +207,10 @@ class Trainer:
         on_policy = self.coin.random() < self.student_data_fraction
 
         # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
-        batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
+        timer = PhaseTimer(self.accelerator.device)
+        with timer.phase("generation"):
+            batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
+        sampled = on_policy or tc.off_policy_source == "teacher"
         rewards = [self._rewards(b) if on_policy and self.rewarded else None for b in batches]
 
         # The loss is a mean over every response token of the step, on every process.
@@ -210,47 +220,39 @@ class Trainer:
         taid_t = self.taid.t if self.taid is not None else 1.0
 
         total_loss = 0.0
+        mismatch = SamplerMismatch(tc.temperature)
         for index, (batch, reward) in enumerate(zip(batches, rewards, strict=True)):
             batch = batch.to(self.accelerator.device)
             last = index == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
                 # 3. Score with the teacher (no gradient).
-                teacher_scores = self._teacher_scores(batch)
+                with timer.phase("teacher"):
+                    teacher_scores = self._teacher_scores(batch)
                 # 4. Loss.
-                student_logits = batch_logits(self.student, batch, self.vocab_size)
-                advantages = None
-                if reward is not None:
-                    advantages = group_advantages(
-                        reward.to(student_logits.device),
-                        self.config.reward.group_size,
-                        normalize_std=self.config.reward.normalize_std,
-                    )
-                per_token = per_token_loss(
-                    self.config,
-                    student_logits,
-                    teacher_scores,
-                    batch,
-                    StepInputs(taid_t=taid_t, advantages=advantages),
-                )
-                weights = None
-                if uses_token_weights(self.config):  # TIP selection, position weights
-                    weights = token_weights(
-                        self.config,
+                with timer.phase("forward_backward"):
+                    student_logits = batch_logits(self.student, batch, self.vocab_size)
+                if on_policy:
+                    mismatch.add(student_logits, batch)
+                with timer.phase("loss"):
+                    loss = self._loss(
+                        batch,
                         student_logits,
                         teacher_scores,
-                        batch.response_mask,
-                        self.token_generator,
+                        reward,
+                        taid_t,
+                        num_tokens,
+                        num_sequences,
                     )
-                loss = reduce_weighted(
-                    self.config, per_token, weights, batch.response_mask, num_tokens, num_sequences
-                )
-                self.accelerator.backward(loss * world)
+                with timer.phase("forward_backward"):
+                    self.accelerator.backward(loss * world)
             total_loss += float(loss.detach()) * world
 
         # 5. Clip and step (never from a non-finite loss or gradient), then the step hooks.
         total_loss = self._global_mean(total_loss)
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self._optimizer_step(total_loss)
+        with timer.phase("optimizer"):
+            grad_norm = self._optimizer_step(total_loss)
+            push_weights(self.student_sampler, self.accelerator.unwrap_model(self.student))
         self.step_count += 1
         if self.taid is not None:
             self.taid.update(self.step_count, total_loss)
@@ -267,6 +269,47 @@ class Trainer:
             seconds=time.perf_counter() - started,
             reward=mean_reward,
             context_fraction=teacher_metrics.get("context_fraction"),
+            phases=timer.seconds,
+            generated_tokens=sum(b.num_tokens for b in batches) if sampled else 0,
+            sampler_mismatch=mismatch.mean(),
+        )
+
+    def _loss(
+        self,
+        batch: Batch,
+        student_logits: torch.Tensor,
+        teacher_scores: torch.Tensor | TopKLogprobs | None,
+        reward: torch.Tensor | None,
+        taid_t: float,
+        num_tokens: int,
+        num_sequences: int,
+    ) -> torch.Tensor:
+        """The objective's per-token loss, TIP/position weights, reduced over the step's tokens."""
+        advantages = None
+        if reward is not None:
+            advantages = group_advantages(
+                reward.to(student_logits.device),
+                self.config.reward.group_size,
+                normalize_std=self.config.reward.normalize_std,
+            )
+        per_token = per_token_loss(
+            self.config,
+            student_logits,
+            teacher_scores,
+            batch,
+            StepInputs(taid_t=taid_t, advantages=advantages),
+        )
+        weights = None
+        if uses_token_weights(self.config):  # TIP selection, position weights
+            weights = token_weights(
+                self.config,
+                student_logits,
+                teacher_scores,
+                batch.response_mask,
+                self.token_generator,
+            )
+        return reduce_weighted(
+            self.config, per_token, weights, batch.response_mask, num_tokens, num_sequences
         )
 
     def _next_batch(self, on_policy: bool) -> Batch:

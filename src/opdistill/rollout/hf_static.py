@@ -139,4 +139,3 @@ class StaticRollout:
         if not self.record_logprobs:
             batch.sampler_logprobs = None
         return batch
-
