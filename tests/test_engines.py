@@ -4,11 +4,11 @@ import dataclasses
 import json
 
 import torch
+from tests.test_trainer import make_config, models, small_trainer
 
 from opdistill.config import LossConfig, RolloutConfig
 from opdistill.run_log import StepStats, summarise_window
 from opdistill.timing import PHASES, PhaseTimer
-from tests.test_trainer import make_config, models, small_trainer
 
 
 def test_phase_timer_accumulates_and_rejects_unknown_phases():
