@@ -240,13 +240,15 @@ class RolloutConfig:
         cache: one host sync per token, sampler log-probs without [B, V] scores; `compile`
         wraps its decode step in `torch.compile`) or "vllm" (a vLLM engine in this process; the
         student's weights are pushed into it after every optimizer step).
-    vllm_gpu_memory_utilization / vllm_max_model_len: passed to `vllm.LLM`.
+    vllm_gpu_memory_utilization / vllm_max_model_len / vllm_enforce_eager: passed to `vllm.LLM`
+        (eager mode skips the engine's compile warm-up: faster start, slower decoding).
     """
 
     backend: Literal["hf", "hf_static", "vllm"] = "hf"
     compile: bool = False
     vllm_gpu_memory_utilization: float = 0.5
     vllm_max_model_len: int = 0  # 0: the model's own
+    vllm_enforce_eager: bool = False
 
 
 @dataclass
