@@ -5,11 +5,11 @@ import importlib.util
 
 import pytest
 import torch
+from tests.test_trainer import make_config, small_trainer
 
 from opdistill.config import LossConfig, RolloutConfig
 from opdistill.errors import OpdistillError
 from opdistill.models.loading import tiny_llama
-from tests.test_trainer import make_config, small_trainer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
