@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test test-all lint format clean vllm
+.PHONY: setup demo test test-all lint format clean vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[dev,vllm]"
 	touch $@
+
+# The suite under vLLM's transformers (5.19), the vLLM engine and served-teacher tests included:
+# they start and stop their own vLLM engine / server on 127.0.0.1.
+test-vllm: vllm
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m "not slow"
 
 demo: setup
 	$(BIN)/opdistill demo

@@ -47,7 +47,9 @@ def test_engine_follows_the_trained_student(tmp_path, tokenizer, graph_task):
     afterwards the engine scores a fixed sequence exactly as the trained student does."""
     config = make_config(tmp_path, steps=3, temperature=0.7, lr=5e-2)
     config.loss = LossConfig(kind="sampled_token")
-    config.rollout = RolloutConfig(backend="vllm", vllm_enforce_eager=True)
+    config.rollout = RolloutConfig(
+        backend="vllm", vllm_enforce_eager=True, vllm_gpu_memory_utilization=0.2
+    )
     teacher = tiny_llama(tokenizer, hidden_size=64, num_layers=1, num_heads=2, seed=1)
     student = tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=2)
     initial = {k: v.clone() for k, v in student.state_dict().items()}

@@ -172,6 +172,7 @@ def vllm_server(tmp_path_factory, tokenizer):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(root)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     command += ["--max-logprobs", "8", "--enforce-eager", "--max-model-len", "256"]
+    command += ["--gpu-memory-utilization", "0.2"]  # on CPU: the share of RAM reserved
     log = open(root / "server.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
