@@ -591,6 +591,7 @@ def validate(config: Config) -> None:
             f"{what} learns from the student's own samples: set train.student_data_fraction=1"
         )
     _validate_self_distill(config)
+    _validate_rollout(config)
     _validate_teacher_top_k(config)
     _validate_teacher_cache(config)
     adaptive = t.adaptive_source
@@ -610,6 +611,35 @@ def validate(config: Config) -> None:
                 "train.adaptive_source: replay_reuse must be in [0, 1] and replay_size >= "
                 "train.batch_size"
             )
+
+
+def _validate_rollout(config: Config) -> None:
+    """Engines and pipelined rollouts: what they can sample."""
+    t, rc = config.train, config.rollout
+    if not 0 < rc.vllm_gpu_memory_utilization <= 1:
+        raise OpdistillError("rollout.vllm_gpu_memory_utilization must be in (0, 1]")
+    if rc.vllm_max_model_len < 0:
+        raise OpdistillError("rollout.vllm_max_model_len must be >= 0 (0: the model's own)")
+    if t.max_staleness == 0:
+        return
+    checks = [
+        (
+            rc.backend in ("hf_static", "vllm"),
+            "samples with a seeded generator per step: set rollout.backend to hf_static or vllm",
+        ),
+        (
+            t.student_data_fraction == 1.0,
+            "samples the student only: set train.student_data_fraction=1",
+        ),
+        (not t.adaptive_source.enabled, "cannot replay samples: turn train.adaptive_source off"),
+        (
+            not samples_teacher_mixture(config),
+            "samples the student only: set loss.minillm.teacher_mix=0",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(f"train.max_staleness={t.max_staleness} {message}")
 
 
 def _validate_teacher_top_k(config: Config) -> None:

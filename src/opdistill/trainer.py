@@ -70,6 +70,8 @@ from opdistill.rollout import (
     decode_responses,
     push_weights,
 )
+from opdistill.rollout.hf_static import StaticRollout
+from opdistill.rollout.pipeline import build_pipeline
 from opdistill.run_log import RunLog, StepStats, summarise_window, truncate_metrics
 from opdistill.stream import ExampleStream
 from opdistill.tasks import make_task
@@ -161,6 +163,15 @@ class Trainer:
         self.student_sampler, self.teacher_sampler = build_samplers(
             config, unwrapped, teacher_model, tokenizer, record
         )
+        self.pipeline = None  # train.max_staleness >= 1: rollouts sampled ahead by a worker
+        if tc.max_staleness:
+            self.pipeline = build_pipeline(
+                config,
+                unwrapped,
+                self.student_sampler,
+                lambda model: StaticRollout(model, tokenizer, record, config.rollout.compile),
+                self._step_prompts,
+            )
         if teacher_model is None and (
             samples_from_teacher(config) or samples_teacher_mixture(config)
         ):
@@ -208,8 +219,15 @@ class Trainer:
 
         # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
         timer = PhaseTimer(self.accelerator.device)
-        with timer.phase("generation"):
-            batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
+        staleness = 0
+        if self.pipeline is not None:  # sampled ahead by the rollout worker
+            with timer.phase("waiting"):
+                batches, version, seconds = self.pipeline.next(self.step_count + 1)
+            timer.add("generation", seconds)  # the worker's, concurrent with earlier steps
+            staleness = self.step_count - version
+        else:
+            with timer.phase("generation"):
+                batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
         sampled = on_policy or tc.off_policy_source == "teacher"
         rewards = [self._rewards(b) if on_policy and self.rewarded else None for b in batches]
 
@@ -252,8 +270,12 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         with timer.phase("optimizer"):
             grad_norm = self._optimizer_step(total_loss)
-            push_weights(self.student_sampler, self.accelerator.unwrap_model(self.student))
         self.step_count += 1
+        with timer.phase("optimizer"):  # the sampler's copy of the weights follows (vLLM)
+            if self.pipeline is not None:
+                self.pipeline.after_optimizer_step(self.step_count)
+            else:
+                push_weights(self.student_sampler, self.accelerator.unwrap_model(self.student))
         if self.taid is not None:
             self.taid.update(self.step_count, total_loss)
         mean_reward = None
@@ -272,6 +294,7 @@ class Trainer:
             phases=timer.seconds,
             generated_tokens=sum(b.num_tokens for b in batches) if sampled else 0,
             sampler_mismatch=mismatch.mean(),
+            staleness=float(staleness),
         )
 
     def _loss(
@@ -393,6 +416,15 @@ class Trainer:
             self.replay.add(batch)
         return batch
 
+    def _step_prompts(self) -> list[list[Example]]:
+        """The prompts of one step's micro-batches (pipelined rollouts draw them ahead)."""
+        tc = self.config.train
+        group = self.config.reward.group_size if self.rewarded else 1
+        return [
+            [e for e in self._take_examples(tc.batch_size // group) for _ in range(group)]
+            for _ in range(tc.grad_accum)
+        ]
+
     def _sample(self, sampler: RolloutBackend, examples: list[Example]) -> Batch:
         tc = self.config.train
         return sampler.generate(examples, tc.max_new_tokens, tc.temperature)
@@ -461,6 +493,8 @@ class Trainer:
             if tc.save_every and self.step_count % tc.save_every == 0:
                 self.save_checkpoint()
         progress.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
         if not evaluated:
             final = self.evaluate()
             self._log("eval", final)
@@ -531,6 +565,7 @@ class Trainer:
             "taid": self.taid,
             "replay": self.replay,
             "teacher": self.teacher,
+            "pipeline": self.pipeline,
         }
         return {name: obj for name, obj in objects.items() if obj is not None}
 

@@ -92,10 +92,14 @@ class VLLMRollout:
 
     def load_weights(self, student: PreTrainedModel) -> None:
         """Push the student's current weights into the engine (after an optimizer step)."""
-        weights = [(name, tensor.detach()) for name, tensor in student.state_dict().items()]
-        # In-place reload in checkpoint (HF) format: vLLM re-runs its post-load processing.
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.load_state(student.state_dict())
         self.version += 1
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Reload the engine's weights in place from a (HF-format) state dict; vLLM re-runs its
+        post-load processing (fused QKV, packed layouts)."""
+        weights = [(name, tensor.detach()) for name, tensor in state.items()]
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
         """The engine's log-probs log softmax(z)[y_t] (temperature 1, the whole output
@@ -114,10 +118,13 @@ class VLLMRollout:
         max_new_tokens: int,
         temperature: float = 1.0,
         greedy: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Batch:
+        """Sample responses; each row's vLLM seed is drawn from `generator` (default: torch's
+        global generator)."""
         tokenizer = self.tokenizer
         prompt_ids, prompt_mask = self.prompts.batch(examples)
-        seeds = torch.randint(0, 2**31 - 1, (len(examples),)).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(examples),), generator=generator).tolist()
         rows = [
             ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)
         ]
