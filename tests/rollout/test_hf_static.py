@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from opdistill.batch import batch_logits
@@ -6,9 +7,12 @@ from opdistill.rollout import HFGenerateRollout
 from opdistill.rollout.hf_static import StaticRollout
 
 
-def test_greedy_matches_transformers_generate(tokenizer, graph_task):
-    """Same model, same prompts: greedy decoding over the static cache picks generate's tokens."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_greedy_matches_transformers_generate(tokenizer, graph_task, attention):
+    """Same model, same prompts (left-padded to different lengths): greedy decoding over the
+    static cache with our ready 4D masks picks generate's tokens."""
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3)
+    model.set_attn_implementation(attention)
     examples = graph_task.examples("eval", 5)
     ours = StaticRollout(model, tokenizer).generate(examples, 6, greedy=True)
     theirs = HFGenerateRollout(model, tokenizer).generate(examples, 6, greedy=True)

@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from opdistill.batch import Batch
@@ -78,6 +79,7 @@ class StaticRollout:
         mask = torch.ones(rows, total, dtype=torch.long, device=device)
         mask[:, :prompt_len] = prompt_mask.to(device)
         positions = (mask[:, :prompt_len].cumsum(dim=1) - 1).clamp(min=0)
+        masks = DecodeMasks(mask, model.config, next(model.parameters()).dtype)
         tokens = torch.full((rows, max_new_tokens), tokenizer.pad_token_id, device=device)
         logprobs = torch.zeros(rows, max_new_tokens, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -86,7 +88,7 @@ class StaticRollout:
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         out = model(  # prefill: the whole prompt, logits of the last position only
             input_ids=prompt_ids.to(device),
-            attention_mask=mask[:, :prompt_len],
+            attention_mask=masks.prefill(prompt_len),
             position_ids=positions,
             cache_position=torch.arange(prompt_len, device=device),
             use_cache=True,
@@ -120,7 +122,7 @@ class StaticRollout:
             cursor = prompt_len + t
             out = forward(
                 input_ids=chosen.unsqueeze(-1),
-                attention_mask=mask,
+                attention_mask=masks.decode(cursor),
                 position_ids=position,
                 cache_position=torch.tensor([cursor], device=device),
                 use_cache=True,
@@ -139,3 +141,39 @@ class StaticRollout:
         if not self.record_logprobs:
             batch.sampler_logprobs = None
         return batch
+
+
+class DecodeMasks:
+    """Ready 4D attention masks over the static cache, so that transformers builds none per token.
+
+    For SDPA and eager attention the mask of query position q over the cache's keys k is
+    `k <= q` and k a real (not padding) token, plus q itself (a padding query then attends to
+    itself instead of to nothing, which would give NaN states). Other attention implementations
+    get the 2D mask and build their own.
+    """
+
+    def __init__(self, mask: Tensor, config: object, dtype: torch.dtype):
+        self.mask, self.dtype = mask, dtype
+        self.kind = getattr(config, "_attn_implementation", None)
+        self.keys = mask.bool()[:, None, None, :]  # [B, 1, 1, total]
+        self.key_positions = torch.arange(mask.shape[1], device=mask.device)
+
+    def _ready(self, allowed: Tensor) -> Tensor:
+        if self.kind == "sdpa":
+            return allowed
+        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def prefill(self, length: int) -> Tensor:
+        if self.kind not in ("sdpa", "eager"):
+            return self.mask[:, :length]
+        queries = self.key_positions[:length, None]
+        causal = self.key_positions[None, :] <= queries  # [length, total]
+        itself = self.key_positions[None, :] == queries
+        return self._ready((self.keys & causal) | itself)
+
+    def decode(self, cursor: int) -> Tensor:
+        if self.kind not in ("sdpa", "eager"):
+            return self.mask
+        allowed = self.keys & (self.key_positions <= cursor)
+        return self._ready(allowed)
