@@ -129,6 +129,8 @@ class VLLMRollout:
             ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)
         ]
         allowed = list(range(self.vocab))
+        eos = tokenizer.eos_token_id
+        stop = [eos] if eos is not None and 0 <= eos < self.vocab else []  # else never drawn
         params = [
             self._vllm.SamplingParams(
                 n=1,
@@ -141,7 +143,7 @@ class VLLMRollout:
                 presence_penalty=0.0,
                 frequency_penalty=0.0,
                 seed=seed,
-                stop_token_ids=[tokenizer.eos_token_id],
+                stop_token_ids=stop,
                 allowed_token_ids=allowed,
                 logprobs=0,
                 detokenize=False,
