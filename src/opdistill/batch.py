@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,30 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, and each example as a mapping of its fields), for checkpoints."""
+        return {
+            "prompt_ids": self.prompt_ids.cpu(),
+            "prompt_mask": self.prompt_mask.cpu(),
+            "response_ids": self.response_ids.cpu(),
+            "response_mask": self.response_mask.cpu(),
+            "examples": [example_fields(e) for e in self.examples],
+            "sampler_logprobs": None
+            if self.sampler_logprobs is None
+            else self.sampler_logprobs.cpu(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Batch:
+        return cls(
+            state["prompt_ids"],
+            state["prompt_mask"],
+            state["response_ids"],
+            state["response_mask"],
+            [Example(**fields) for fields in state["examples"]],
+            state["sampler_logprobs"],
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         logprobs = self.sampler_logprobs
         return Batch(
@@ -57,6 +82,12 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of user text, in which `<|assistant|>` and the like stay text: user data can
     never produce a control token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def example_fields(example: Example) -> dict[str, Any]:
+    """An example as a mapping of its fields (plain data)."""
+    fields = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
+    return {**fields, "meta": dict(fields["meta"])}
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

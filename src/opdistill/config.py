@@ -154,6 +154,8 @@ class LossConfig:
     # ULD distance between sorted distributions instead of loss.kind's divergence; "off" refuses
     # a different tokenizer (see docs/teachers.md).
     cross_tokenizer: Literal["off", "span", "uld"] = "off"
+    # Truncation of the importance ratio π_θ/π_sampler of stale samples (sampled_token, minillm).
+    is_cap: float = 2.0
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     taid: TAIDConfig = field(default_factory=TAIDConfig)
     tip: TIPConfig = field(default_factory=TIPConfig)
@@ -244,7 +246,29 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient
     output_dir: str = "runs/default"
     progress: bool = True
+    # Pipelined rollouts: the batches of the next steps are generated while this one trains, by
+    # weights at most `max_staleness` optimizer steps old (0: the synchronous loop).
+    max_staleness: int = 0
     adaptive_source: AdaptiveSourceConfig = field(default_factory=AdaptiveSourceConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """How student samples are generated (see docs/engines.md).
+
+    backend: "hf" (transformers `generate`), "hf_static" (our decode loop over a static KV
+        cache: one host sync per token, sampler log-probs without [B, V] scores; `compile`
+        wraps its decode step in `torch.compile`) or "vllm" (a vLLM engine in this process; the
+        student's weights are pushed into it after every optimizer step).
+    vllm_gpu_memory_utilization / vllm_max_model_len / vllm_enforce_eager: passed to `vllm.LLM`
+        (eager mode skips the engine's compile warm-up: faster start, slower decoding).
+    """
+
+    backend: Literal["hf", "hf_static", "vllm"] = "hf"
+    compile: bool = False
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_max_model_len: int = 0  # 0: the model's own
+    vllm_enforce_eager: bool = False
 
 
 @dataclass
@@ -276,6 +300,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -650,6 +675,8 @@ def validate(config: Config) -> None:
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every/save_every must be >= 0"),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps all)"),
         (loss.temperature > 0, "loss.temperature must be > 0"),
+        (t.max_staleness >= 0, "train.max_staleness must be >= 0 (0: synchronous rollouts)"),
+        (loss.is_cap >= 1, "loss.is_cap must be >= 1 (the importance-ratio truncation)"),
         (config.model.lora.r >= 0, "model.lora.r must be >= 0 (0: no LoRA)"),
         (config.model.lora.alpha > 0, "model.lora.alpha must be > 0"),
         (0.0 <= config.model.lora.dropout < 1.0, "model.lora.dropout must be in [0, 1)"),
@@ -735,6 +762,7 @@ def validate(config: Config) -> None:
     _validate_self_distill(config)
     _validate_teachers(config)
     _validate_cross_tokenizer(config)
+    _validate_rollout(config)
     _validate_teacher_top_k(config)
     _validate_teacher_cache(config)
     adaptive = t.adaptive_source
@@ -859,6 +887,35 @@ def _validate_cross_tokenizer(config: Config) -> None:
             raise OpdistillError(message)
 
 
+def _validate_rollout(config: Config) -> None:
+    """Engines and pipelined rollouts: what they can sample."""
+    t, rc = config.train, config.rollout
+    if not 0 < rc.vllm_gpu_memory_utilization <= 1:
+        raise OpdistillError("rollout.vllm_gpu_memory_utilization must be in (0, 1]")
+    if rc.vllm_max_model_len < 0:
+        raise OpdistillError("rollout.vllm_max_model_len must be >= 0 (0: the model's own)")
+    if t.max_staleness == 0:
+        return
+    checks = [
+        (
+            rc.backend in ("hf_static", "vllm"),
+            "samples with a seeded generator per step: set rollout.backend to hf_static or vllm",
+        ),
+        (
+            t.student_data_fraction == 1.0,
+            "samples the student only: set train.student_data_fraction=1",
+        ),
+        (not t.adaptive_source.enabled, "cannot replay samples: turn train.adaptive_source off"),
+        (
+            not samples_teacher_mixture(config),
+            "samples the student only: set loss.minillm.teacher_mix=0",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpdistillError(f"train.max_staleness={t.max_staleness} {message}")
+
+
 def _validate_teacher_top_k(config: Config) -> None:
     """Top-k teacher log-probs serve the divergences and sampled_token, without TIP or reward."""
     loss = config.loss
@@ -966,8 +1023,16 @@ def _validate_self_distill(config: Config) -> None:
 
 
 def is_served_teacher(spec: str | None) -> bool:
-    """Whether `model.teacher` names a served teacher (an http:// or https:// address)."""
-    return bool(spec) and spec.lower().startswith(("http://", "https://"))
+    """Whether `model.teacher` names a served teacher: an http(s):// address of our server, or
+    `vllm+http(s)://` for a vLLM OpenAI-compatible server."""
+    return bool(spec) and spec.lower().startswith(
+        ("http://", "https://", "vllm+http://", "vllm+https://")
+    )
+
+
+def is_vllm_teacher(spec: str | None) -> bool:
+    """Whether `model.teacher` names a vLLM server (`vllm+http://HOST:PORT`)."""
+    return bool(spec) and spec.lower().startswith(("vllm+http://", "vllm+https://"))
 
 
 def samples_from_teacher(config: Config) -> bool:

@@ -197,6 +197,7 @@ def _sampled_token(x: LossInputs) -> Tensor:
         sampler_lp,
         x.batch.response_mask,
         gamma=x.loss.gamma,
+        is_cap=x.loss.is_cap,
     )
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from typing import Any
 
 import torch
 
-from opdistill.batch import Batch, left_pad, right_pad
+from opdistill.batch import Batch, example_fields, left_pad, right_pad
 from opdistill.tasks.base import Example
 
 
@@ -55,14 +54,9 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data: each row's example as a mapping of its fields."""
-        rows = [{**row, "example": _example_fields(row["example"])} for row in self.rows]
+        rows = [{**row, "example": example_fields(row["example"])} for row in self.rows]
         return {"rows": rows, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = [{**row, "example": Example(**row["example"])} for row in state["rows"]]
         self.rng.setstate(state["rng"])
-
-
-def _example_fields(example: Example) -> dict[str, Any]:
-    fields = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
-    return {**fields, "meta": dict(fields["meta"])}

@@ -26,6 +26,10 @@ class StepStats:
     reward: float | None = None
     context_fraction: float | None = None  # self-distillation: teacher rows with context
     teacher_metrics: dict[str, float] = field(default_factory=dict)  # e.g. per-teacher losses
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (`timing.PHASES`)
+    generated_tokens: int = 0  # response tokens sampled by this step's rollouts (this process)
+    staleness: float = 0.0  # optimizer steps between the sampling weights and these (mean)
+    sampler_mismatch: float | None = None  # mean |log π_learner − log π_sampler| per token
 
 
 class RunLog:
@@ -87,10 +91,26 @@ def summarise_window(window: Sequence[StepStats]) -> dict[str, float]:
     for stats in window:
         for name, value in stats.teacher_metrics.items():
             per_teacher.setdefault(name, []).append(value)
+    mismatches = [s.sampler_mismatch for s in window if s.sampler_mismatch is not None]
+    phases = sorted({name for s in window for name in s.phases})
+    seconds = {
+        f"seconds_{name}": float(np.mean([s.phases.get(name, 0.0) for s in window]))
+        for name in phases
+    }
+    generation = sum(s.phases.get("generation", 0.0) for s in window)
+    generated = sum(s.generated_tokens for s in window)
     return {
         **{name: float(np.mean(values)) for name, values in per_teacher.items()},
         **({"reward": float(np.mean(rewards))} if rewards else {}),
         **({"context_fraction": float(np.mean(contexts))} if contexts else {}),
+        **({"sampler_mismatch": float(np.mean(mismatches))} if mismatches else {}),
+        **seconds,
+        **(
+            {"generated_tokens_per_second": generated / generation}
+            if generated and generation > 0
+            else {}
+        ),
+        "staleness": float(np.mean([s.staleness for s in window])),
         "loss": float(np.mean([s.loss for s in window])),
         "on_policy_fraction": float(np.mean([s.on_policy for s in window])),
         "tokens_per_step": float(np.mean([s.num_tokens for s in window])),

@@ -75,7 +75,15 @@ from opdistill.objectives import (
 )
 from opdistill.prompts import context_window, fit_split
 from opdistill.replay import ReplayBuffer
-from opdistill.rollout import RolloutBackend, build_samplers, decode_responses
+from opdistill.rollout import (
+    RolloutBackend,
+    SamplerMismatch,
+    build_samplers,
+    decode_responses,
+    push_weights,
+)
+from opdistill.rollout.hf_static import StaticRollout
+from opdistill.rollout.pipeline import build_pipeline
 from opdistill.run_log import RunLog, StepStats, summarise_window, truncate_metrics
 from opdistill.stream import ExampleStream
 from opdistill.tasks import make_task
@@ -90,6 +98,7 @@ from opdistill.teachers import (
     cross_tokenizer_teacher,
     open_teacher,
 )
+from opdistill.timing import PhaseTimer
 
 __all__ = ["ExampleStream", "StepStats", "Trainer", "build_trainer", "truncate_metrics"]
 
@@ -176,6 +185,15 @@ class Trainer:
         self.student_sampler, self.teacher_sampler = build_samplers(
             config, unwrapped, teacher_model, tokenizer, record
         )
+        self.pipeline = None  # train.max_staleness >= 1: rollouts sampled ahead by a worker
+        if tc.max_staleness:
+            self.pipeline = build_pipeline(
+                config,
+                unwrapped,
+                self.student_sampler,
+                lambda model: StaticRollout(model, tokenizer, record, config.rollout.compile),
+                self._step_prompts,
+            )
         if teacher_model is None and (
             samples_from_teacher(config) or samples_teacher_mixture(config)
         ):
@@ -233,7 +251,17 @@ class Trainer:
         on_policy = self.coin.random() < self.student_data_fraction
 
         # 2. Roll out: student samples, teacher samples (SeqKD) or dataset completions.
-        batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
+        timer = PhaseTimer(self.accelerator.device)
+        staleness = 0
+        if self.pipeline is not None:  # sampled ahead by the rollout worker
+            with timer.phase("waiting"):
+                batches, version, seconds = self.pipeline.next(self.step_count + 1)
+            timer.add("generation", seconds)  # the worker's, concurrent with earlier steps
+            staleness = self.step_count - version
+        else:
+            with timer.phase("generation"):
+                batches = [self._next_batch(on_policy) for _ in range(tc.grad_accum)]
+        sampled = on_policy or tc.off_policy_source == "teacher"
         rewards = [self._rewards(b) if on_policy and self.rewarded else None for b in batches]
 
         # The loss is a mean over every response token of the step, on every process.
@@ -243,6 +271,7 @@ class Trainer:
         taid_t = self.taid.t if self.taid is not None else 1.0
 
         total_loss = 0.0
+        mismatch = SamplerMismatch(tc.temperature)
         for index, (batch, reward) in enumerate(zip(batches, rewards, strict=True)):
             batch = batch.to(self.accelerator.device)
             last = index == len(batches) - 1
@@ -252,45 +281,38 @@ class Trainer:
                     self.config, batch.response_ids.numel(), self.vocab_size
                 )
                 # 3. Score with the teacher (no gradient).
-                teacher_scores = self._teacher_scores(batch, chunked)
+                with timer.phase("teacher"):
+                    teacher_scores = self._teacher_scores(batch, chunked)
                 # 4. Loss.
-                student_logits = self._student_logits(batch, chunked)
-                advantages = None
-                if reward is not None:
-                    advantages = group_advantages(
-                        reward.to(student_logits.device),
-                        self.config.reward.group_size,
-                        normalize_std=self.config.reward.normalize_std,
-                    )
-                per_token = per_token_loss(
-                    self.config,
-                    student_logits,
-                    teacher_scores,
-                    batch,
-                    StepInputs(taid_t=taid_t, advantages=advantages),
-                )
-                if self.teacher is not None and teacher_scores is not None:
-                    self.teacher.observe(batch, per_token, student_logits)
-                weights = None
-                if uses_token_weights(self.config):  # TIP selection, position weights
-                    weights = token_weights(
-                        self.config,
+                with timer.phase("forward_backward"):
+                    student_logits = self._student_logits(batch, chunked)
+                if on_policy:
+                    mismatch.add(student_logits, batch)
+                with timer.phase("loss"):
+                    loss = self._loss(
+                        batch,
                         student_logits,
                         teacher_scores,
-                        batch.response_mask,
-                        self.token_generator,
+                        reward,
+                        taid_t,
+                        num_tokens,
+                        num_sequences,
                     )
-                loss = reduce_weighted(
-                    self.config, per_token, weights, batch.response_mask, num_tokens, num_sequences
-                )
-                self.accelerator.backward(loss * world)
+                with timer.phase("forward_backward"):
+                    self.accelerator.backward(loss * world)
             total_loss += float(loss.detach()) * world
 
         # 5. Clip and step (never from a non-finite loss or gradient), then the step hooks.
         total_loss = self._global_mean(total_loss)
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self._optimizer_step(total_loss)
+        with timer.phase("optimizer"):
+            grad_norm = self._optimizer_step(total_loss)
         self.step_count += 1
+        with timer.phase("optimizer"):  # the sampler's copy of the weights follows (vLLM)
+            if self.pipeline is not None:
+                self.pipeline.after_optimizer_step(self.step_count)
+            else:
+                push_weights(self.student_sampler, self.accelerator.unwrap_model(self.student))
         if self.taid is not None:
             self.taid.update(self.step_count, total_loss)
         mean_reward = None
@@ -307,6 +329,50 @@ class Trainer:
             reward=mean_reward,
             context_fraction=teacher_metrics.pop("context_fraction", None),
             teacher_metrics=teacher_metrics,
+            phases=timer.seconds,
+            generated_tokens=sum(b.num_tokens for b in batches) if sampled else 0,
+            sampler_mismatch=mismatch.mean(),
+            staleness=float(staleness),
+        )
+
+    def _loss(
+        self,
+        batch: Batch,
+        student_logits: torch.Tensor | ProjectedLogits,
+        teacher_scores: TeacherScores,
+        reward: torch.Tensor | None,
+        taid_t: float,
+        num_tokens: int,
+        num_sequences: int,
+    ) -> torch.Tensor:
+        """The objective's per-token loss, TIP/position weights, reduced over the step's tokens."""
+        advantages = None
+        if reward is not None:
+            advantages = group_advantages(
+                reward.to(batch.response_ids.device),
+                self.config.reward.group_size,
+                normalize_std=self.config.reward.normalize_std,
+            )
+        per_token = per_token_loss(
+            self.config,
+            student_logits,
+            teacher_scores,
+            batch,
+            StepInputs(taid_t=taid_t, advantages=advantages),
+        )
+        if self.teacher is not None and teacher_scores is not None:
+            self.teacher.observe(batch, per_token, student_logits)
+        weights = None
+        if uses_token_weights(self.config):  # TIP selection, position weights
+            weights = token_weights(
+                self.config,
+                student_logits,
+                teacher_scores,
+                batch.response_mask,
+                self.token_generator,
+            )
+        return reduce_weighted(
+            self.config, per_token, weights, batch.response_mask, num_tokens, num_sequences
         )
 
     def _next_batch(self, on_policy: bool) -> Batch:
@@ -399,6 +465,15 @@ class Trainer:
             self.replay.add(batch)
         return batch
 
+    def _step_prompts(self) -> list[list[Example]]:
+        """The prompts of one step's micro-batches (pipelined rollouts draw them ahead)."""
+        tc = self.config.train
+        group = self.config.reward.group_size if self.rewarded else 1
+        return [
+            [e for e in self._take_examples(tc.batch_size // group) for _ in range(group)]
+            for _ in range(tc.grad_accum)
+        ]
+
     def _sample(self, sampler: RolloutBackend, examples: list[Example]) -> Batch:
         tc = self.config.train
         return sampler.generate(examples, tc.max_new_tokens, tc.temperature)
@@ -476,6 +551,8 @@ class Trainer:
             if tc.save_every and self.step_count % tc.save_every == 0:
                 self.save_checkpoint()
         progress.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
         if not evaluated:
             final = self.evaluate()
             self._log("eval", final)
@@ -550,6 +627,7 @@ class Trainer:
             "taid": self.taid,
             "replay": self.replay,
             "teacher": self.teacher,
+            "pipeline": self.pipeline,
         }
         return {name: obj for name, obj in objects.items() if obj is not None}
 

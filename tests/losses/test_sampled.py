@@ -417,3 +417,27 @@ def test_baseline_variance_closed_form_matches_monte_carlo(
         mean = (q[:, None] * g).sum(0)
         total_var = (q * (g**2).sum(-1)).sum() - (mean**2).sum()
         torch.testing.assert_close(mc_grads[name].var(0).sum(), total_var, rtol=0.05, atol=0)
+
+
+def test_truncated_importance_ratio() -> None:
+    """Below the cap the loss and its gradient are bitwise those without a cap; above it the
+    token weighs is_cap: value −cap·A, gradient −cap·A·∇log q (brute force per token)."""
+    torch.manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(2, 5, 7), -1)[..., 0].clone().requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(2, 5, 7), -1)[..., 0]
+    sampler = log_q.detach() + torch.tensor([[0.0, -2.0, 0.1, -0.9, 0.3]] * 2)  # ρ up to e²
+    mask = torch.ones(2, 5)
+    mask[1, 4] = 0
+    plain = sampled_token_loss(log_q, teacher, sampler, mask)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), log_q)
+    capped = sampled_token_loss(log_q, teacher, sampler, mask, is_cap=2.0)
+    (capped_grad,) = torch.autograd.grad(capped.sum(), log_q)
+    ratio = torch.exp(log_q.detach() - sampler)
+    advantage = teacher - log_q.detach()
+    over = (ratio > 2.0) & mask.bool()
+    assert over.any() and (~over & mask.bool()).any()
+    assert torch.equal(capped[~over], plain[~over])
+    assert torch.equal(capped_grad[~over], plain_grad[~over])
+    assert torch.allclose(capped[over], -2.0 * advantage[over])
+    # A is detached, so ∂loss_t/∂log q_t = −cap·A_t.
+    assert torch.allclose(capped_grad[over], -2.0 * advantage[over])

@@ -47,6 +47,21 @@ class ProjectedLogits:
             logits = logits + bias[: self.vocab_size]
         return logits
 
+    @torch.no_grad()
+    def token_logprobs(self, ids: Tensor, temperature: float = 1.0, chunk_size: int = 0) -> Tensor:
+        """log softmax(logits / τ) of the tokens `ids` [...], formed one chunk at a time."""
+        hidden = self.hidden.reshape(-1, self.hidden.shape[-1])
+        flat_ids = ids.reshape(-1)
+        if chunk_size <= 0:
+            chunk_size = max(1, CHUNK_ELEMENTS // max(1, self.vocab_size))
+        out = torch.empty(flat_ids.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(flat_ids), chunk_size):
+            end = start + chunk_size
+            logits = self.chunk(hidden[start:end], self.weight, self.bias).float() / temperature
+            chosen = logits.gather(-1, flat_ids[start:end, None].clamp(0, self.vocab_size - 1))
+            out[start:end] = chosen[:, 0] - torch.logsumexp(logits, dim=-1)
+        return out.reshape(ids.shape)
+
     def materialize(self) -> Tensor:
         """The full logits [..., V] (for reference and for the objectives that need them)."""
         return self.chunk(self.hidden, self.weight, self.bias)

@@ -11,6 +11,8 @@ Per-token reward: r_t = log P(y_t) − log Q(y_t) (the negative sampled reverse 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -65,6 +67,7 @@ def sampled_token_loss(
     sampler_logprobs: Tensor,
     mask: Tensor,
     gamma: float = 0.0,
+    is_cap: float = math.inf,
 ) -> Tensor:
     """Tinker form of on-policy distillation, per token.
 
@@ -77,6 +80,10 @@ def sampled_token_loss(
     carries gradient (teacher and sampler are detached here). When the sampler is the learner,
     ρ_t = 1 in value and ∇loss_t = −A_t·∇log q_θ(y_t) (plain REINFORCE with reward r); otherwise
     ρ_t = q_θ/q_sampler corrects the sampler/learner mismatch.
+
+    Stale samples (pipelined rollouts) use truncated importance sampling: with ρ_t > `is_cap`
+    the token's weight is `is_cap`, loss_t = −is_cap · A_t · exp(log q_θ − sg(log q_θ)) (value
+    −is_cap·A_t, gradient −is_cap·A_t·∇log q_θ); below the cap nothing changes.
     """
     _check_same_shape(student_logprobs, mask, "student_logprobs", "mask")
     _check_same_shape(teacher_logprobs, mask, "teacher_logprobs", "mask")
@@ -87,7 +94,11 @@ def sampled_token_loss(
     rewards = teacher_logprobs.detach().to(dtype) - log_q.detach()
     advantages = discounted_returns(rewards, keep, gamma).detach()
     log_ratio = torch.where(keep, log_q - sampler_logprobs.detach().to(dtype), 0.0)
-    return torch.where(keep, -torch.exp(log_ratio) * advantages, 0.0)
+    ratio = torch.exp(log_ratio)
+    if math.isfinite(is_cap):
+        capped = ratio.detach() > is_cap
+        ratio = torch.where(capped, is_cap * torch.exp(log_q - log_q.detach()), ratio)
+    return torch.where(keep, -ratio * advantages, 0.0)
 
 
 def vopd_loss(

@@ -11,20 +11,26 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opdistill.config import Config, samples_teacher_mixture
 from opdistill.rollout.base import (
     RolloutBackend,
+    SamplerMismatch,
     decode_responses,
     pure_generation_config,
+    push_weights,
     sampling_generation_config,
 )
 from opdistill.rollout.hf import BaseModelRollout, HFGenerateRollout, TeacherMixedRollout
+from opdistill.rollout.hf_static import StaticRollout
 
 __all__ = [
     "BaseModelRollout",
     "HFGenerateRollout",
     "RolloutBackend",
+    "SamplerMismatch",
+    "StaticRollout",
     "TeacherMixedRollout",
     "build_samplers",
     "decode_responses",
     "pure_generation_config",
+    "push_weights",
     "sampling_generation_config",
 ]
 
@@ -38,7 +44,7 @@ def build_samplers(
 ) -> tuple[RolloutBackend, RolloutBackend | None]:
     """The student's sampler (MiniLLM: the teacher–student mixture) and, with a teacher model in
     this process, the teacher's (SeqKD). `record_logprobs`: keep the sampler's log-probs."""
-    student_sampler: RolloutBackend = HFGenerateRollout(student, tokenizer, record_logprobs)
+    student_sampler = student_rollout(config, student, tokenizer, record_logprobs)
     if teacher_model is None:
         return student_sampler, None
     if samples_teacher_mixture(config):
@@ -46,3 +52,20 @@ def build_samplers(
             student, teacher_model, tokenizer, config.loss.minillm.teacher_mix
         )
     return student_sampler, HFGenerateRollout(teacher_model, tokenizer, record_logprobs)
+
+
+def student_rollout(
+    config: Config,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    record_logprobs: bool,
+) -> RolloutBackend:
+    """The student's sampler of `rollout.backend` (hf, hf_static or vllm)."""
+    rc = config.rollout
+    if rc.backend == "hf_static":
+        return StaticRollout(student, tokenizer, record_logprobs, compile=rc.compile)
+    if rc.backend == "vllm":
+        from opdistill.rollout.vllm import VLLMRollout
+
+        return VLLMRollout(student, tokenizer, rc, seed=config.train.seed)
+    return HFGenerateRollout(student, tokenizer, record_logprobs)

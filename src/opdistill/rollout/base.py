@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import Batch, chat_prompt, left_pad, response_mask_after_eos
+from opdistill.losses.projected import ProjectedLogits
 from opdistill.tasks.base import Example
 
 
@@ -164,3 +165,42 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[s
         kept = [int(i) for i, m in zip(ids, mask, strict=True) if m]
         texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
     return texts
+
+
+def push_weights(sampler: RolloutBackend, student: torch.nn.Module) -> None:
+    """After an optimizer step: hand the student's weights to a sampler holding its own copy
+    (`load_weights`, e.g. a vLLM engine); samplers that run the student itself need nothing."""
+    load_weights = getattr(sampler, "load_weights", None)
+    if load_weights is not None:
+        load_weights(student)
+
+
+class SamplerMismatch:
+    """Mean |log π_learner(y_t) − log π_sampler(y_t)| over the response tokens of a step.
+
+    The learner's log-probs are those of the training forward at the sampling temperature; with
+    no staleness the two agree within float tolerance, whatever engine sampled (a larger value
+    is a sampler bug or stale weights).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.total = 0.0
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, student_logits: Tensor | ProjectedLogits, batch: Batch) -> None:
+        if batch.sampler_logprobs is None:
+            return
+        if isinstance(student_logits, ProjectedLogits):  # formed per chunk, never whole
+            learner = student_logits.token_logprobs(batch.response_ids, self.temperature)
+        else:
+            scaled = student_logits.detach().float() / self.temperature
+            ids = batch.response_ids.unsqueeze(-1)
+            learner = scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        mask = batch.response_mask.bool()
+        self.total += float((learner - batch.sampler_logprobs.float())[mask].abs().sum())
+        self.tokens += int(mask.sum())
+
+    def mean(self) -> float | None:
+        return self.total / self.tokens if self.tokens else None

@@ -3,6 +3,7 @@
 - `base`: the protocol, `TopKLogprobs` and `ModelTeacher` (a causal LM in this process);
 - `privileged` + `context`: self-distillation, the student reading privileged context;
 - `http`: the client of a served teacher; `server`: `opdistill serve-teacher`;
+- `vllm_server`: a teacher served by vLLM (`vllm+http://`), top-k and sampled-token answers;
 - `cache`: a teacher read from disk; `cache_writer`: `opdistill cache-teacher`;
 - `multi`: several named teachers, routed per example or mixed per token;
 - `cross_tokenizer`: a teacher with another tokenizer (span alignment or ULD).
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdistill.config import Config, is_served_teacher
+from opdistill.config import Config, is_served_teacher, is_vllm_teacher
 from opdistill.tasks.base import Example, Task
 from opdistill.teachers.base import (
     ALL_ANSWERS,
@@ -148,6 +149,13 @@ def open_teacher(config: Config, tokenizer: PreTrainedTokenizerBase) -> Teacher 
         from opdistill.teachers.cache import CachedTeacher
 
         return CachedTeacher(mc.teacher_cache, len(tokenizer), tokenizer_fingerprint(tokenizer))
+    if is_vllm_teacher(mc.teacher):
+        import os
+
+        from opdistill.teachers.vllm_server import VLLMServedTeacher
+
+        token = os.environ.get(mc.teacher_token_env) if mc.teacher_token_env else None
+        return VLLMServedTeacher(mc.teacher, tokenizer, token=token, timeout=mc.teacher_timeout)
     if is_served_teacher(mc.teacher):
         return served_teacher(mc.teacher, tokenizer, mc.teacher_token_env, mc.teacher_timeout)
     return None

@@ -41,6 +41,8 @@ def _server_message(response: httpx.Response) -> str:
     """The server's one-line `{"error": ...}` message, else the start of the body."""
     try:
         message = response.json().get("error")
+        if isinstance(message, dict):  # OpenAI-style servers (vLLM): {"error": {"message": ...}}
+            message = message.get("message") or message
     except (ValueError, AttributeError):
         message = None
     return _one_line(str(message) if message else response.text or response.reason_phrase)
@@ -284,41 +286,57 @@ class RemoteTeacher(Teacher):
         return info
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send one request, retrying transient failures until `timeout` seconds have passed."""
-        deadline = time.monotonic() + self.timeout
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            retry_after = None
-            try:
-                response = self.client.request(
-                    method, path, timeout=httpx.Timeout(max(remaining, 0.01)), **kwargs
-                )
-            except httpx.TransportError as error:
-                last = _describe(error)
-            except (httpx.HTTPError, httpx.InvalidURL) as error:
-                raise OpdistillError(f"teacher server at {self.url}: {_describe(error)}") from None
-            else:
-                if response.status_code == 200:
-                    return response
-                message = _server_message(response)
-                if response.status_code not in RETRY_STATUSES:
-                    raise OpdistillError(
-                        f"teacher server at {self.url} refused the request: {message} "
-                        f"(HTTP {response.status_code})"
-                    )
-                last = f"HTTP {response.status_code}: {message}"
-                retry_after = _retry_after(response)
-            delay = min(0.1 * 2**attempt, 5.0) * self._rng.uniform(0.5, 1.5)
-            if retry_after is not None:
-                delay = max(delay, retry_after)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        return request_with_retries(
+            self.client, self.url, self.timeout, self._rng, method, path, **kwargs
+        )
+
+
+def request_with_retries(
+    client: httpx.Client,
+    url: str,
+    timeout: float,
+    rng: random.Random,
+    method: str,
+    path: str,
+    **kwargs: Any,
+) -> httpx.Response:
+    """Send one request, retrying connection errors, timeouts and HTTP 429/502/503/504 with
+    exponential backoff and jitter until `timeout` seconds have passed; any other refusal is a
+    one-line `OpdistillError` with the server's message."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        retry_after = None
+        try:
+            response = client.request(
+                method, path, timeout=httpx.Timeout(max(remaining, 0.01)), **kwargs
+            )
+        except httpx.TransportError as error:
+            last = _describe(error)
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            raise OpdistillError(f"teacher server at {url}: {_describe(error)}") from None
+        else:
+            if response.status_code == 200:
+                return response
+            message = _server_message(response)
+            if response.status_code not in RETRY_STATUSES:
                 raise OpdistillError(
-                    f"teacher server at {self.url} did not answer within {self.timeout:g} s: {last}"
+                    f"teacher server at {url} refused the request: {message} "
+                    f"(HTTP {response.status_code})"
                 )
-            time.sleep(min(delay, remaining))
-            attempt += 1
+            last = f"HTTP {response.status_code}: {message}"
+            retry_after = _retry_after(response)
+        delay = min(0.1 * 2**attempt, 5.0) * rng.uniform(0.5, 1.5)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OpdistillError(
+                f"teacher server at {url} did not answer within {timeout:g} s: {last}"
+            )
+        time.sleep(min(delay, remaining))
+        attempt += 1
 
 
 def _retry_after(response: httpx.Response) -> float | None:
