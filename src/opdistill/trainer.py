@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
@@ -102,6 +103,7 @@ class Trainer:
         # scheduler once per process at every optimizer step.
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False)
         _check_launch(self.accelerator)
+        _shard_on_cpu(self.accelerator)
         set_seed(tc.seed)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
@@ -191,6 +193,12 @@ class Trainer:
             DistributedType.DEEPSPEED,
         )
         self.output_chunkable = not sharded and projectable_head(unwrapped) is not None
+
+        if self.accelerator.distributed_type == DistributedType.FSDP and tc.save_every:
+            raise OpdistillError(
+                f"train.save_every={tc.save_every}: checkpoints of FSDP runs are not supported "
+                "yet (set train.save_every: 0; final/ is saved), see docs/scaling.md"
+            )
 
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", tc.keep_checkpoints)
@@ -443,8 +451,7 @@ class Trainer:
         if not evaluated:
             final = self.evaluate()
             self._log("eval", final)
-        if is_main:
-            self.save_final()
+        self.save_final()
         self.run_log.close()
         return final
 
@@ -544,18 +551,27 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """The trained student and its tokenizer under `output_dir/final`.
+        """The trained student and its tokenizer under `output_dir/final`, written by the main
+        process (every process calls this: sharded parameters are gathered first).
 
         A LoRA student is saved merged (a plain causal LM) with its adapters in `final/adapter`.
         """
         path = self.output_dir / "final"
         student = self.accelerator.unwrap_model(self.student)
-        if is_lora(student):
-            student.save_pretrained(path / "adapter")
-            save_merged(student, path)
-        else:
-            student.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        state_dict = None
+        if sharded:  # gathered copies share no storage: drop the tied aliases (lm_head)
+            state_dict = self.accelerator.get_state_dict(self.student)
+            for alias in getattr(student, "all_tied_weights_keys", {}):
+                state_dict.pop(alias, None)
+        if self.accelerator.is_main_process:
+            if is_lora(student):
+                student.save_pretrained(path / "adapter", state_dict=state_dict)
+                save_merged(student, path)
+            else:
+                student.save_pretrained(path, state_dict=state_dict)
+            self.tokenizer.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
         return path
 
 
@@ -568,6 +584,32 @@ def _check_launch(accelerator: Accelerator) -> None:
             "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
             "see docs/scaling.md"
         )
+
+
+def _shard_on_cpu(accelerator: Accelerator) -> None:
+    """Apply an FSDP launch (`ACCELERATE_USE_FSDP`, set by an FSDP accelerate config) to CPU
+    processes joined over gloo.
+
+    accelerate 1.15 marks such processes MULTI_CPU and then ignores the FSDP plugin, training
+    them as DDP; torch's FSDP2 (`fully_shard`) runs on CPU over gloo, so the state is switched
+    to FSDP before the student is prepared. GPUs take accelerate's own path.
+    """
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
+    if plugin.fsdp_version != 2:
+        raise OpdistillError(
+            f"fsdp_version: {plugin.fsdp_version} on CPU: only FSDP2 (fsdp_config.fsdp_version: "
+            "2) shards over gloo, see docs/scaling.md"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def build_trainer(config: Config) -> Trainer:
