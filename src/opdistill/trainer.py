@@ -52,7 +52,12 @@ from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.files import write_atomic
 from opdistill.losses import TaidSchedule, group_advantages
 from opdistill.losses.projected import ProjectedLogits
-from opdistill.models.loading import check_tokenizers_match, load_model, load_tokenizer
+from opdistill.models.loading import (
+    DTYPES,
+    check_tokenizers_match,
+    load_model,
+    load_tokenizer,
+)
 from opdistill.models.lora import add_lora, is_lora, save_merged
 from opdistill.objectives import (
     StepInputs,
@@ -113,10 +118,13 @@ class Trainer:
         self.coin = random.Random(tc.seed)  # λ coin: identical on every process
         self.step_count = 0
 
-        self.optimizer = torch.optim.AdamW(  # LoRA: the adapters only
+        # LoRA: the adapters only. Fused: one kernel per parameter, without the foreach
+        # implementation's temporaries the size of all parameters.
+        self.optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=tc.lr,
             weight_decay=tc.weight_decay,
+            fused=True,
         )
         self.scheduler = get_scheduler(
             "cosine_with_min_lr",
@@ -130,6 +138,7 @@ class Trainer:
         )
         unwrapped = self.accelerator.unwrap_model(self.student)
 
+        _check_dtypes(config, student, teacher_model)
         if teacher_model is not None:
             teacher_model.to(self.accelerator.device)
         self.teacher = build_teacher(
@@ -584,6 +593,23 @@ def _check_launch(accelerator: Accelerator) -> None:
             "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
             "see docs/scaling.md"
         )
+
+
+def _check_dtypes(
+    config: Config, student: torch.nn.Module, teacher_model: torch.nn.Module | None
+) -> None:
+    """The student and an in-process teacher hold their weights in one dtype: `model.dtype`, in
+    which `build_trainer` loads both (models passed in directly must agree with it)."""
+    expected = DTYPES[config.model.dtype]
+    for name, model in (("student", student), ("teacher", teacher_model)):
+        if model is None:
+            continue
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), expected)
+        if dtype != expected:
+            raise OpdistillError(
+                f"model.dtype={config.model.dtype!r}, but the {name}'s weights are {dtype}: "
+                "load the student and the teacher in model.dtype"
+            )
 
 
 def _shard_on_cpu(accelerator: Accelerator) -> None:
