@@ -108,7 +108,7 @@ def opdistill_worker(
         "peak_rss_mib": common.peak_rss_mib(),
         "settings": (
             f"Trainer.step(); loss jsd, beta={setup.beta}, λ=1, temperature=1.0, "
-            "optim=torch.optim.AdamW (default implementation), fp32"
+            "optim=torch.optim.AdamW (fused), fp32"
         ),
     }
 

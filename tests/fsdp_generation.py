@@ -8,6 +8,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill.rollout import HFGenerateRollout
@@ -23,8 +24,10 @@ def main(model_dir: str) -> None:
     _shard_on_cpu(accelerator)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = accelerator.prepare(model)
+    # FSDP2 prepares a model together with its optimizer
+    model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
     rank = accelerator.process_index
+    sharded = all(isinstance(p, DTensor) for p in model.parameters())  # before any forward
     forwards = []
 
     def steer(module, inputs, output):  # rank 0: EOS at once; rank 1: never EOS
@@ -42,7 +45,7 @@ def main(model_dir: str) -> None:
     lengths = ",".join(str(n) for n in batch.response_mask.sum(dim=1).tolist())
     print(
         f"rank={rank} type={accelerator.distributed_type.value} synced={synced_generation()} "
-        f"sharded={type(next(model.parameters())).__name__} forwards={len(forwards)} "
+        f"sharded={sharded} forwards={len(forwards)} "
         f"lengths={lengths}",
         flush=True,
     )
