@@ -192,16 +192,22 @@ def digest(value: Any) -> str:
 
 
 def opdistill_trainer(
-    setup: StepSetup, built: Built, steps: int, output_dir: str | Path, **train: Any
+    setup: StepSetup,
+    built: Built,
+    steps: int,
+    output_dir: str | Path,
+    loss: dict[str, Any] | None = None,
+    **train: Any,
 ) -> Trainer:
-    """opdistill's `Trainer` for the on-policy JSD step of `setup` (models passed in memory)."""
+    """opdistill's `Trainer` for the on-policy JSD step of `setup` (models passed in memory);
+    `loss` overrides keys of the `loss` section, `train` of the `train` section."""
     from opdistill.config import config_from_dict
     from opdistill.trainer import Trainer
 
     values = {
         "model": {"student": "(in memory)", "teacher": "(in memory)"},
         "data": {"task": "graph", "task_args": GRAPH_TASK_ARGS},
-        "loss": {"kind": "jsd", "beta": setup.beta, "temperature": 1.0},
+        "loss": {"kind": "jsd", "beta": setup.beta, "temperature": 1.0, **(loss or {})},
         "train": {
             "steps": steps,
             "batch_size": setup.batch_size,

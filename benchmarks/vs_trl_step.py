@@ -26,6 +26,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -66,14 +68,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------- workers
-def opdistill_worker(setup: StepSetup, models: Path, steps: int, warmup: int) -> dict[str, Any]:
-    """Time `trainer.step()` of opdistill's Trainer."""
+def opdistill_worker(
+    setup: StepSetup,
+    models: Path,
+    steps: int,
+    warmup: int,
+    around_step: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    loss: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Time `trainer.step()` of opdistill's Trainer; each step runs inside `around_step()`;
+    `loss` overrides keys of the config's `loss` section."""
     built = common.load_built(models, setup)
     loaded = common.current_rss_mib()
     seconds, tokens = [], []
     prompts: list[list[list[int]]] = []
     with tempfile.TemporaryDirectory(prefix="opdistill-bench-run-") as output_dir:
-        trainer = common.opdistill_trainer(setup, built, warmup + steps, output_dir)
+        trainer = common.opdistill_trainer(setup, built, warmup + steps, output_dir, loss=loss)
         sampler, generate = trainer.student_sampler, trainer.student_sampler.generate
 
         def recording_generate(*args: Any, **kwargs: Any) -> Any:
@@ -83,9 +93,10 @@ def opdistill_worker(setup: StepSetup, models: Path, steps: int, warmup: int) ->
 
         sampler.generate = recording_generate
         for index in range(warmup + steps):
-            started = time.perf_counter()
-            stats = trainer.step()
-            elapsed = time.perf_counter() - started
+            with around_step():
+                started = time.perf_counter()
+                stats = trainer.step()
+                elapsed = time.perf_counter() - started
             if index >= warmup:
                 seconds.append(elapsed)
                 tokens.append(stats.num_tokens)
@@ -97,16 +108,22 @@ def opdistill_worker(setup: StepSetup, models: Path, steps: int, warmup: int) ->
         "peak_rss_mib": common.peak_rss_mib(),
         "settings": (
             f"Trainer.step(); loss jsd, beta={setup.beta}, λ=1, temperature=1.0, "
-            "optim=torch.optim.AdamW (default implementation), fp32"
+            "optim=torch.optim.AdamW (fused), fp32"
         ),
     }
 
 
 def trl_worker(
-    setup: StepSetup, models: Path, steps: int, warmup: int, kind: str = "gkd"
+    setup: StepSetup,
+    models: Path,
+    steps: int,
+    warmup: int,
+    kind: str = "gkd",
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Time the steps of TRL's GKDTrainer (`kind` "gkd") or DistillationTrainer
-    ("distillation"), between consecutive `on_step_end` callbacks."""
+    ("distillation"), between consecutive `on_step_end` callbacks; `callbacks` are added to
+    the trainer's."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -188,7 +205,7 @@ def trl_worker(
                 args=config,
                 train_dataset=Dataset.from_list([{"messages": m} for m in messages]),
                 processing_class=built.tokenizer,
-                callbacks=[StepClock()],
+                callbacks=[StepClock(), *callbacks],
             )
             described = (
                 f"GKDTrainer; lmbda={config.lmbda}, use_cache in generation="
@@ -221,7 +238,7 @@ def trl_worker(
                     [{"prompt": [{"role": "user", "content": e.prompt}]} for e in ordered]
                 ),
                 processing_class=built.tokenizer,
-                callbacks=[StepClock()],
+                callbacks=[StepClock(), *callbacks],
             )
             described = "DistillationTrainer (on-policy, chunked loss)"
         trainer.train()

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
@@ -57,6 +58,7 @@ from opdistill.eval.evaluate import evaluate_with_config
 from opdistill.losses import TaidSchedule, group_advantages
 from opdistill.losses.projected import ProjectedLogits
 from opdistill.models.loading import (
+    DTYPES,
     check_vocabulary,
     load_model,
     load_tokenizer,
@@ -129,6 +131,7 @@ class Trainer:
         # scheduler once per process at every optimizer step.
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False)
         _check_launch(self.accelerator)
+        _shard_on_cpu(self.accelerator)
         rank = self.accelerator.process_index
         RandomState.seed(tc.seed, rank)  # each process draws its own samples
         self.tokenizer = tokenizer
@@ -139,10 +142,13 @@ class Trainer:
         self.coin = random.Random(tc.seed)  # λ coin: identical on every process
         self.step_count = 0
 
-        self.optimizer = torch.optim.AdamW(  # LoRA: the adapters only
+        # LoRA: the adapters only. Fused: one kernel per parameter, without the foreach
+        # implementation's temporaries the size of all parameters.
+        self.optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=tc.lr,
             weight_decay=tc.weight_decay,
+            fused=True,
         )
         self.scheduler = get_scheduler(
             "cosine_with_min_lr",
@@ -156,6 +162,7 @@ class Trainer:
         )
         unwrapped = self.accelerator.unwrap_model(self.student)
 
+        _check_dtypes(config, student, teacher_model)
         if teacher_model is not None:
             teacher_model.to(self.accelerator.device)
         self.teacher = build_teacher(
@@ -233,6 +240,12 @@ class Trainer:
             DistributedType.DEEPSPEED,
         )
         self.output_chunkable = not sharded and projectable_head(unwrapped) is not None
+
+        if self.accelerator.distributed_type == DistributedType.FSDP and tc.save_every:
+            raise OpdistillError(
+                f"train.save_every={tc.save_every}: checkpoints of FSDP runs are not supported "
+                "yet (set train.save_every: 0; final/ is saved), see docs/scaling.md"
+            )
 
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", tc.keep_checkpoints)
@@ -556,8 +569,7 @@ class Trainer:
         if not evaluated:
             final = self.evaluate()
             self._log("eval", final)
-        if is_main:
-            self.save_final()
+        self.save_final()
         self.run_log.close()
         return final
 
@@ -663,18 +675,27 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """The trained student and its tokenizer under `output_dir/final`.
+        """The trained student and its tokenizer under `output_dir/final`, written by the main
+        process (every process calls this: sharded parameters are gathered first).
 
         A LoRA student is saved merged (a plain causal LM) with its adapters in `final/adapter`.
         """
         path = self.output_dir / "final"
         student = self.accelerator.unwrap_model(self.student)
-        if is_lora(student):
-            student.save_pretrained(path / "adapter")
-            save_merged(student, path)
-        else:
-            student.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        state_dict = None
+        if sharded:  # gathered copies share no storage: drop the tied aliases (lm_head)
+            state_dict = self.accelerator.get_state_dict(self.student)
+            for alias in getattr(student, "all_tied_weights_keys", {}):
+                state_dict.pop(alias, None)
+        if self.accelerator.is_main_process:
+            if is_lora(student):
+                student.save_pretrained(path / "adapter", state_dict=state_dict)
+                save_merged(student, path)
+            else:
+                student.save_pretrained(path, state_dict=state_dict)
+            self.tokenizer.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
         return path
 
 
@@ -687,6 +708,49 @@ def _check_launch(accelerator: Accelerator) -> None:
             "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
             "see docs/scaling.md"
         )
+
+
+def _check_dtypes(
+    config: Config, student: torch.nn.Module, teacher_model: torch.nn.Module | None
+) -> None:
+    """The student and an in-process teacher hold their weights in one dtype: `model.dtype`, in
+    which `build_trainer` loads both (models passed in directly must agree with it)."""
+    expected = DTYPES[config.model.dtype]
+    for name, model in (("student", student), ("teacher", teacher_model)):
+        if model is None:
+            continue
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), expected)
+        if dtype != expected:
+            raise OpdistillError(
+                f"model.dtype={config.model.dtype!r}, but the {name}'s weights are {dtype}: "
+                "load the student and the teacher in model.dtype"
+            )
+
+
+def _shard_on_cpu(accelerator: Accelerator) -> None:
+    """Apply an FSDP launch (`ACCELERATE_USE_FSDP`, set by an FSDP accelerate config) to CPU
+    processes joined over gloo.
+
+    accelerate 1.15 marks such processes MULTI_CPU and then ignores the FSDP plugin, training
+    them as DDP; torch's FSDP2 (`fully_shard`) runs on CPU over gloo, so the state is switched
+    to FSDP before the student is prepared. GPUs take accelerate's own path.
+    """
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
+    if plugin.fsdp_version != 2:
+        raise OpdistillError(
+            f"fsdp_version: {plugin.fsdp_version} on CPU: only FSDP2 (fsdp_config.fsdp_version: "
+            "2) shards over gloo, see docs/scaling.md"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def build_trainer(config: Config) -> Trainer:

@@ -166,36 +166,43 @@ class _ProjectedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_values: Tensor) -> tuple:
+        """Per chunk: the logits again (no graph), ∂loss/∂logits through `loss_fn` alone, then
+        the linear layer's gradients by hand, summed in place into one accumulator per input
+        (float32 for lower-precision weights): no [V, H] temporary per chunk."""
         hidden, weight, bias, *teacher_tensors = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        vocab = ctx.student.vocab_size
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        weight_leaf = weight.detach().requires_grad_(needs_weight)
-        bias_leaf = None if bias is None else bias.detach().requires_grad_(bool(needs_bias))
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if needs_weight else None
+        grad_bias = None
+        if bias is not None and needs_bias:
+            grad_bias = torch.zeros_like(bias, dtype=accumulate)
         n = hidden.shape[0]
         for start in range(0, n, ctx.chunk_size):
             end = min(n, start + ctx.chunk_size)
+            rows = hidden[start:end].detach()
+            with torch.no_grad():
+                logits = ctx.student.chunk(rows, weight, bias)
             with torch.enable_grad():
-                rows = hidden[start:end].detach().requires_grad_(needs_hidden)
-                logits = ctx.student.chunk(rows, weight_leaf, bias_leaf)
+                logits.requires_grad_(True)
                 teacher = _teacher_chunk(ctx.teacher, tuple(teacher_tensors), start, end)
                 values = ctx.loss_fn(logits, teacher)
-                inputs = [
-                    t for t in (rows, weight_leaf, bias_leaf) if t is not None and t.requires_grad
-                ]
-                grads = torch.autograd.grad(
-                    values, inputs, grad_values[start:end].to(values.dtype), allow_unused=True
+                (grad_logits,) = torch.autograd.grad(
+                    values, logits, grad_values[start:end].to(values.dtype)
                 )
-            by_input = dict(zip((id(t) for t in inputs), grads, strict=True))
-            if needs_hidden and by_input.get(id(rows)) is not None:
-                grad_hidden[start:end] = by_input[id(rows)]
-            for leaf in (weight_leaf, bias_leaf):
-                grad = by_input.get(id(leaf)) if leaf is not None else None
-                if grad is not None:
-                    leaf.grad = grad if leaf.grad is None else leaf.grad.add_(grad)
+            del logits, values
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ weight[:vocab]
+            if grad_weight is not None:
+                grad_weight[:vocab].addmm_(grad_logits.T.to(accumulate), rows.to(accumulate))
+            if grad_bias is not None:
+                grad_bias[:vocab] += grad_logits.sum(dim=0, dtype=accumulate)
         return (
             grad_hidden,
-            weight_leaf.grad if needs_weight else None,
-            bias_leaf.grad if bias_leaf is not None and needs_bias else None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
             None,
             None,
             None,

@@ -2,7 +2,8 @@
 
 The mask is bool or float with the same shape as the values. A float mask acts as per-token
 weights; positions where it is 0 (or False) are excluded with ``torch.where``, so inf/NaN held
-there (e.g. a divergence at padding) never reaches the result or its gradient.
+there (e.g. a divergence at padding) never reaches the result or its gradient. Sums run in at
+least fp32.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def _check_shapes(values: Tensor, mask: Tensor) -> None:
 
 
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
-    """values·mask with masked-out positions set to exactly 0 (no NaN in value or gradient)."""
+    """values·mask with masked-out positions set to exactly 0 (no NaN in value or gradient), in
+    at least fp32: bf16/fp16 values are summed in fp32."""
     _check_shapes(values, mask)
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     keep = mask.bool()
     selected = torch.where(keep, values, 0.0)
     if mask.dtype == torch.bool:

@@ -1,0 +1,32 @@
+"""Smoke run of the step-memory benchmark at tiny sizes (its numbers mean nothing there)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_step_memory_benchmark_runs_and_checks_the_losses(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("psutil")
+    output = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        *(sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), "--quick"),
+        *("--steps", "1", "--threads", "1", "--json", str(output)),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(output.read_text())
+    assert result["loss_agreement"]["ok"] and result["same_prompts"]
+    for tool in ("opdistill", "opdistill-full-logits", "trl"):
+        assert result[tool]["step_peak_mib"] > 0
+        assert len(result[tool]["step_peaks_mib"]) == 2  # warm-up and the measured step
+        assert result[tool]["method"]
+    assert result["opdistill"]["peak_ratio"] is not None
