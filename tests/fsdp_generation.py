@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from opdistill.distributed import shard_on_cpu as _shard_on_cpu
 from opdistill.rollout import HFGenerateRollout
 from opdistill.rollout.base import synced_generation
 from opdistill.tasks.base import Example
-from opdistill.trainer import _shard_on_cpu
 
 MAX_NEW_TOKENS = 6
 

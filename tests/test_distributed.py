@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 
 from opdistill.checkpoint import Checkpoints
 from opdistill.cli import main
+from opdistill.distributed import check_launch as _check_launch
 from opdistill.errors import OpdistillError
 from opdistill.models.loading import load_model, tiny_llama
 from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout
 from opdistill.rollout import base as rollout_base
 from opdistill.rollout import hf as rollout_hf
 from opdistill.tasks import make_task
-from opdistill.trainer import ExampleStream, _check_launch
+from opdistill.trainer import ExampleStream
 
 # `accelerate launch --cpu` starts a single process; `--multi_gpu` with ACCELERATE_USE_CPU=1
 # starts torchrun workers that accelerate joins with the gloo backend.

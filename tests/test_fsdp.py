@@ -12,8 +12,8 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from opdistill.cli import main
+from opdistill.distributed import shard_on_cpu as _shard_on_cpu
 from opdistill.errors import OpdistillError
-from opdistill.trainer import _shard_on_cpu
 from test_distributed import data_file, train_records, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).parents[1]

@@ -141,7 +141,7 @@ def test_taid_interpolation_rises_and_resumes(tmp_path, tokenizer, graph_task):
 def test_grpo_samples_groups_of_one_prompt(tmp_path, tokenizer, graph_task):
     config = config_for(tmp_path, "grpo")
     trainer = make_trainer(config, tokenizer, graph_task, teacher=False)
-    batch = trainer._student_batch()
+    batch = trainer.sources.student_batch()
     prompts = [e.prompt for e in batch.examples]
     assert len(prompts) == 4 and len(set(prompts)) == 1
 
@@ -179,9 +179,9 @@ def test_distillm_replay_is_reused(tmp_path, tokenizer, graph_task):
     adaptive = AdaptiveSourceConfig(enabled=True, replay_size=8, replay_reuse=1.0)
     config = config_for(tmp_path, "skew_forward_kl", adaptive_source=adaptive)
     trainer = make_trainer(config, tokenizer, graph_task)
-    first = trainer._student_batch()  # buffer empty: sampled fresh, then stored
+    first = trainer.sources.student_batch()  # buffer empty: sampled fresh, then stored
     assert len(trainer.replay) == 4
-    again = trainer._student_batch()  # reuse probability 1: drawn from the buffer
+    again = trainer.sources.student_batch()  # reuse probability 1: drawn from the buffer
     assert {e.prompt for e in again.examples} <= {e.prompt for e in first.examples}
     assert trainer.step().num_tokens > 0
 

@@ -83,7 +83,7 @@ def test_objectives_that_read_full_logits_keep_them(tmp_path, tokenizer, graph_t
     tip = _trainer(tmp_path / "a", tokenizer, graph_task, "on", tip=TIPConfig(mode="weighted"))
     vopd = _trainer(tmp_path / "b", tokenizer, graph_task, "on", kind="vopd", fraction=1.0)
     for trainer in (tip, vopd):
-        batch = trainer._next_batch(on_policy=True)
+        batch = trainer.sources.next_batch(on_policy=True)
         assert not isinstance(trainer._student_logits(batch, False), ProjectedLogits)
         assert not chunks_output(trainer.config, 10**9, trainer.vocab_size)
     auto = _trainer(tmp_path, tokenizer, graph_task, "auto")

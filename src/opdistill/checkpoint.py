@@ -36,13 +36,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load_file, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.errors import OpdistillError
 from opdistill.files import fsync_tree
-from opdistill.models.lora import is_lora, load_adapter_weights, weights_file
+from opdistill.models.lora import is_lora, load_adapter_weights, save_merged, weights_file
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -361,3 +362,31 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
     real_missing = [k for k in missing if k not in tied]
     if unexpected or (real_missing and "lm_head.weight" not in real_missing):
         raise OpdistillError(f"checkpoint {path} does not match the student model")
+
+
+def save_final(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+) -> Path:
+    """The trained model (the prepared `model`, unwrapped) and its tokenizer at `path`, as a full,
+    unsharded `save_pretrained` directory written by the main process; every process calls this,
+    since sharded (FSDP) parameters are gathered first. A LoRA model is saved merged (a plain
+    causal LM), with its adapters in `path/adapter`."""
+    student = accelerator.unwrap_model(model)
+    state_dict = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # gathered copies share no storage: drop the tied aliases (lm_head)
+        state_dict = accelerator.get_state_dict(model)
+        for alias in getattr(student, "all_tied_weights_keys", {}):
+            state_dict.pop(alias, None)
+    if accelerator.is_main_process:
+        if is_lora(student):
+            student.save_pretrained(path / "adapter", state_dict=state_dict)
+            save_merged(student, path)
+        else:
+            student.save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+    return path

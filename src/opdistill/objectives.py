@@ -24,6 +24,7 @@ from opdistill.errors import OpdistillError
 from opdistill.losses import (
     DIVERGENCE_KINDS,
     chunked_token_divergence,
+    group_advantages,
     minillm_loss,
     policy_gradient_loss,
     position_weights,
@@ -424,3 +425,39 @@ def reduce_weighted(
         return sequence_mean(per_token, weights, num_sequences)
     share = float(mask.sum()) / max(1, num_tokens)
     return weighted_token_mean(per_token, weights) * share
+
+
+def step_loss(
+    config: Config,
+    student_logits: Tensor | ProjectedLogits,
+    teacher_scores: TeacherScores,
+    batch: Batch,
+    counts: tuple[int, int],
+    *,
+    taid_t: float = 1.0,
+    rewards: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    observe: Callable[[Batch, Tensor, Tensor | ProjectedLogits], None] | None = None,
+) -> Tensor:
+    """A micro-batch's share of the step loss: the objective per token (mixed with the policy
+    gradient of the verifier `rewards`, group-normalised, when configured), weighted by TIP /
+    position weights, reduced with the step's global (token, sequence) `counts`. `observe` sees
+    the per-token loss (a teacher's per-step statistics)."""
+    advantages = None
+    if rewards is not None:
+        advantages = group_advantages(
+            rewards.to(batch.response_ids.device),
+            config.reward.group_size,
+            normalize_std=config.reward.normalize_std,
+        )
+    per_token = per_token_loss(
+        config, student_logits, teacher_scores, batch, StepInputs(taid_t, advantages)
+    )
+    if observe is not None and teacher_scores is not None:
+        observe(batch, per_token, student_logits)
+    weights = None
+    if uses_token_weights(config):  # TIP selection, position weights
+        weights = token_weights(
+            config, student_logits, teacher_scores, batch.response_mask, generator
+        )
+    return reduce_weighted(config, per_token, weights, batch.response_mask, *counts)

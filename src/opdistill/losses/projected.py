@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from opdistill.losses.chunked import CHUNK_ELEMENTS
+from opdistill.losses.logprobs import gather_tokens, log_softmax_at
 
 
 @dataclass
@@ -57,9 +58,10 @@ class ProjectedLogits:
         out = torch.empty(flat_ids.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, len(flat_ids), chunk_size):
             end = start + chunk_size
-            logits = self.chunk(hidden[start:end], self.weight, self.bias).float() / temperature
-            chosen = logits.gather(-1, flat_ids[start:end, None].clamp(0, self.vocab_size - 1))
-            out[start:end] = chosen[:, 0] - torch.logsumexp(logits, dim=-1)
+            logprobs = log_softmax_at(
+                self.chunk(hidden[start:end], self.weight, self.bias), temperature
+            )
+            out[start:end] = gather_tokens(logprobs, flat_ids[start:end])
         return out.reshape(ids.shape)
 
     def materialize(self) -> Tensor:

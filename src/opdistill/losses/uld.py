@@ -13,14 +13,15 @@ equal up to a relabelling of tokens, invariant to any permutation of either voca
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from opdistill.losses.logprobs import log_softmax_at
 
 
 def sorted_probabilities(logits: Tensor, temperature: float = 1.0, width: int = 0) -> Tensor:
     """softmax(logits / τ) sorted in decreasing order, zero-padded on the right to `width`."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    probs = log_softmax_at(logits, temperature).exp().sort(dim=-1, descending=True).values
     return F.pad(probs, (0, max(0, width - probs.shape[-1])))
 
 

@@ -318,3 +318,18 @@ def check_tokenizers_match(
             "teacher and student tokenizers use different chat templates (tokenizer.chat_template "
             f"differs, {_first_template_difference(template_t, template_s)})"
         )
+
+
+def check_dtypes(dtype: str, **models: torch.nn.Module | None) -> None:
+    """The given models (student, in-process teacher) hold their weights in `model.dtype`, in
+    which `build_trainer` loads them (models passed in directly must agree with it)."""
+    expected = DTYPES[dtype]
+    for name, model in models.items():
+        if model is None:
+            continue
+        found = next((p.dtype for p in model.parameters() if p.is_floating_point()), expected)
+        if found != expected:
+            raise OpdistillError(
+                f"model.dtype={dtype!r}, but the {name}'s weights are {found}: "
+                "load the student and the teacher in model.dtype"
+            )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdistill.config import Config, samples_teacher_mixture
+from opdistill.config import Config, samples_from_teacher, samples_teacher_mixture
+from opdistill.errors import OpdistillError
 from opdistill.rollout.base import (
     RolloutBackend,
     SamplerMismatch,
@@ -46,6 +47,11 @@ def build_samplers(
     this process, the teacher's (SeqKD). `record_logprobs`: keep the sampler's log-probs."""
     student_sampler = student_rollout(config, student, tokenizer, record_logprobs)
     if teacher_model is None:
+        if samples_from_teacher(config) or samples_teacher_mixture(config):
+            raise OpdistillError(
+                "sampling from the teacher (off_policy_source='teacher' or "
+                "loss.minillm.teacher_mix > 0) needs a teacher model in this process"
+            )
         return student_sampler, None
     if samples_teacher_mixture(config):
         student_sampler = TeacherMixedRollout(

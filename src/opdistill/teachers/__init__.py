@@ -17,9 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdistill.config import Config, is_served_teacher, is_vllm_teacher
+from opdistill.batch import Batch
+from opdistill.config import (
+    Config,
+    LossConfig,
+    is_served_teacher,
+    is_vllm_teacher,
+    needs_teacher,
+)
+from opdistill.errors import OpdistillError
+from opdistill.losses.projected import ProjectedLogits
 from opdistill.tasks.base import Example, Task
 from opdistill.teachers.base import (
     ALL_ANSWERS,
@@ -40,8 +50,10 @@ __all__ = [
     "TopKLogprobs",
     "accuracy_by_teacher",
     "aligned_teacher",
+    "ask_teacher",
     "build_teacher",
     "check_answers",
+    "check_teacher",
     "cross_tokenizer_teacher",
     "model_teacher",
     "open_teacher",
@@ -184,3 +196,37 @@ def build_teacher(
     if teacher_model is not None:
         return model_teacher(teacher_model, len(tokenizer))
     return None
+
+
+def ask_teacher(
+    teacher: Teacher | None,
+    answer: Answer | None,
+    batch: Batch,
+    loss: LossConfig,
+    chunked: bool = False,
+) -> Tensor | TopKLogprobs | ProjectedLogits | None:
+    """The teacher's `answer` for `batch` (see `objectives.teacher_answer`): logits [B, R, V]
+    (with `chunked`, as hidden states and projection where the teacher can), its top-k
+    log-probs, or the response tokens' log-probs (a `TopKLogprobs` with k = 0); None for none."""
+    if answer is None or teacher is None:
+        return None
+    if answer == "logits" and chunked and "projected" in teacher.answers:
+        return teacher.projected_logits(batch)
+    if answer == "topk":
+        return teacher.topk(batch, loss.teacher_top_k, loss.temperature)
+    if answer == "token_logprobs":
+        return TopKLogprobs.tokens(teacher.token_logprobs(batch, loss.temperature))
+    return teacher.logits(batch)
+
+
+def check_teacher(config: Config, teacher: Teacher | None, answer: Answer | None) -> None:
+    """Stop before any compute unless the run has the teacher it needs, and that teacher can
+    give `answer` (the objective's, see `objectives.teacher_answer`)."""
+    lc, tc = config.loss, config.train
+    if needs_teacher(config) and teacher is None:
+        raise OpdistillError(
+            f"loss.kind={lc.kind!r} / train.off_policy_source={tc.off_policy_source!r} "
+            "needs a teacher model"
+        )
+    if teacher is not None:
+        check_answers(teacher, answer, f"loss.kind={lc.kind!r}")

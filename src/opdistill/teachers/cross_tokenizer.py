@@ -31,6 +31,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill.batch import Batch, chat_prompt, left_pad, right_pad, sequence_logits
+from opdistill.losses.logprobs import log_softmax_at
 from opdistill.teachers.base import Answer, Teacher
 
 Method = Literal["span", "uld"]
@@ -177,7 +178,7 @@ class CrossTokenizerTeacher(Teacher):
             response_mask.to(device),
             len(tok),
         )
-        return torch.log_softmax(logits.float() / temperature, dim=-1), response_ids.to(device)
+        return log_softmax_at(logits, temperature), response_ids.to(device)
 
     def token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
         if self.method != "span":
