@@ -4,6 +4,7 @@ Prints one line per rank with the number of student forward passes and the respo
 a deadlock shows as the launch timing out.
 """
 
+import os
 import sys
 
 import torch
@@ -43,12 +44,11 @@ def main(model_dir: str) -> None:
     examples = [Example(prompt="path from A to B", completion="A B")] * 2
     batch = HFGenerateRollout(model, tokenizer).generate(examples, MAX_NEW_TOKENS, greedy=True)
     lengths = ",".join(str(n) for n in batch.response_mask.sum(dim=1).tolist())
-    print(
+    line = (
         f"rank={rank} type={accelerator.distributed_type.value} synced={synced_generation()} "
-        f"sharded={sharded} forwards={len(forwards)} "
-        f"lengths={lengths}",
-        flush=True,
+        f"sharded={sharded} forwards={len(forwards)} lengths={lengths}\n"
     )
+    os.write(sys.stdout.fileno(), line.encode())  # one write: the ranks share the pipe
     torch.distributed.barrier()
 
 
