@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +25,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill import Config, Trainer, config_from_dict, make_task
 from opdistill.eval import evaluate_with_config
-from opdistill.experiments.demo import merge_options, report_results, slug
+from opdistill.experiments.demo import (
+    cached,
+    mark_cached,
+    merge_options,
+    report_results,
+    settings_fingerprint,
+    slug,
+)
 from opdistill.models import (
     build_char_tokenizer,
     build_word_tokenizer,
@@ -127,20 +132,12 @@ def run_config(
     return config_from_dict(merge_options(values, method or {}))
 
 
-def _fingerprint(settings: CrossTokenizerSettings) -> str:
-    spec = json.dumps([VERSION, TASK, dataclasses.asdict(settings)], sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
-
-
 def prepare(cache_dir: Path, settings: CrossTokenizerSettings, quick: bool = False) -> Path:
     """Both tokenizers, both teachers and the initial student, trained once and cached."""
     root = cache_dir / ("cross-tokenizer-quick" if quick else "cross-tokenizer")
-    done = root / "COMPLETE"
-    if done.exists() and done.read_text().strip() == _fingerprint(settings):
-        print(f"using the cached teachers and initial student in {root}")
+    fingerprint = settings_fingerprint(VERSION, TASK, settings)
+    if cached(root, fingerprint, "teachers and initial student"):
         return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     task = make_task(TASK["task"], **TASK["task_args"])
     train = task.examples("train", settings.train_size)
     texts = [e.prompt + " " + e.completion for e in train + task.examples("eval", 100)]
@@ -166,7 +163,7 @@ def prepare(cache_dir: Path, settings: CrossTokenizerSettings, quick: bool = Fal
         model.save_pretrained(root / role)
         shutil.rmtree(root / f"{role}_run", ignore_errors=True)
         print(f"  done in {time.perf_counter() - started:.0f}s")
-    done.write_text(_fingerprint(settings) + "\n")
+    mark_cached(root, fingerprint)
     return root
 
 

@@ -159,11 +159,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OPDISTILL_CACHE", "~/.cache/opdistill")).expanduser()
 
 
-def _fingerprint(settings: DemoSettings, task: DemoTask) -> str:
-    spec = json.dumps(
-        [DEMO_VERSION, dataclasses.asdict(task), dataclasses.asdict(settings)], sort_keys=True
-    )
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
+def settings_fingerprint(*parts: Any) -> str:
+    """A short hash of what a cache is built from (dataclasses are hashed as their fields)."""
+    plain = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached(root: Path, fingerprint: str, what: str) -> bool:
+    """Whether `root` holds a finished build of `fingerprint`; if not, it is emptied for one
+    (mark it finished with `mark_cached` at the end)."""
+    done = root / "COMPLETE"
+    if done.exists() and done.read_text().strip() == fingerprint:
+        print(f"using the cached {what} in {root}")
+        return True
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return False
+
+
+def mark_cached(root: Path, fingerprint: str) -> None:
+    (root / "COMPLETE").write_text(fingerprint + "\n")
 
 
 def merge_options(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -233,12 +248,9 @@ def _cache_name(task: DemoTask, quick: bool) -> str:
 def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool = False) -> Path:
     """Tokenizer, teacher and initial student for `task`, trained once and cached."""
     root = cache_dir / _cache_name(task, quick)
-    done = root / "COMPLETE"
-    if done.exists() and done.read_text().strip() == _fingerprint(settings, task):
-        print(f"using the cached teacher and initial student in {root}")
+    fingerprint = settings_fingerprint(DEMO_VERSION, task, settings)
+    if cached(root, fingerprint, "teacher and initial student"):
         return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     instance, train, evals = task_data(settings, task)
     tokenizer = build_word_tokenizer(e.prompt + " " + e.completion for e in train + evals)
     tokenizer.save_pretrained(root / "tokenizer")
@@ -264,7 +276,7 @@ def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool
         tokenizer.save_pretrained(root / role)
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"  done in {time.perf_counter() - started:.0f}s")
-    done.write_text(_fingerprint(settings, task) + "\n")
+    mark_cached(root, fingerprint)
     return root
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill import Config, Trainer, config_from_dict
 from opdistill.eval import evaluate_with_config
-from opdistill.experiments.demo import merge_options, report_results, slug
+from opdistill.experiments.demo import (
+    cached,
+    mark_cached,
+    merge_options,
+    report_results,
+    settings_fingerprint,
+    slug,
+)
 from opdistill.models import build_word_tokenizer, count_parameters, tiny_llama
 from opdistill.tasks import MixtureTask, make_mixture
 from opdistill.teachers import Teacher, accuracy_by_teacher, model_teacher, routed_teacher
@@ -151,20 +156,12 @@ def run_config(
     return config_from_dict(merge_options(values, method or {}))
 
 
-def _fingerprint(settings: MultiTeacherSettings) -> str:
-    spec = json.dumps([VERSION, PARTS, dataclasses.asdict(settings)], sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
-
-
 def prepare(cache_dir: Path, settings: MultiTeacherSettings, quick: bool = False) -> Path:
     """Tokenizer, the two expert teachers and the initial student, trained once and cached."""
     root = cache_dir / ("multi-teacher-quick" if quick else "multi-teacher")
-    done = root / "COMPLETE"
-    if done.exists() and done.read_text().strip() == _fingerprint(settings):
-        print(f"using the cached teachers and initial student in {root}")
+    fingerprint = settings_fingerprint(VERSION, PARTS, settings)
+    if cached(root, fingerprint, "teachers and initial student"):
         return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     task = mixture_task()
     train = task.examples("train", settings.train_size)
     evals = task.examples("eval", settings.eval_prompts)
@@ -194,7 +191,7 @@ def prepare(cache_dir: Path, settings: MultiTeacherSettings, quick: bool = False
         model.save_pretrained(root / role)
         shutil.rmtree(root / f"{role}_run", ignore_errors=True)
         print(f"  done in {time.perf_counter() - started:.0f}s")
-    done.write_text(_fingerprint(settings) + "\n")
+    mark_cached(root, fingerprint)
     return root
 
 
