@@ -24,12 +24,16 @@ class StepStats:
     lr: float
     seconds: float
     reward: float | None = None
-    context_fraction: float | None = None  # self-distillation: teacher rows with context
-    teacher_metrics: dict[str, float] = field(default_factory=dict)  # e.g. per-teacher losses
+    teacher_metrics: dict[str, float] = field(default_factory=dict)  # `Teacher.metrics()`
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (`timing.PHASES`)
     generated_tokens: int = 0  # response tokens sampled by this step's rollouts (this process)
     staleness: float = 0.0  # optimizer steps between the sampling weights and these (mean)
     sampler_mismatch: float | None = None  # mean |log π_learner − log π_sampler| per token
+
+    @property
+    def context_fraction(self) -> float | None:
+        """Self-distillation: the share of teacher rows that had privileged context."""
+        return self.teacher_metrics.get("context_fraction")
 
 
 class RunLog:
@@ -86,7 +90,6 @@ def truncate_metrics(path: Path, step: int) -> int:
 def summarise_window(window: Sequence[StepStats]) -> dict[str, float]:
     """The means over the steps since the last train record."""
     rewards = [s.reward for s in window if s.reward is not None]
-    contexts = [s.context_fraction for s in window if s.context_fraction is not None]
     per_teacher: dict[str, list[float]] = {}
     for stats in window:
         for name, value in stats.teacher_metrics.items():
@@ -102,7 +105,6 @@ def summarise_window(window: Sequence[StepStats]) -> dict[str, float]:
     return {
         **{name: float(np.mean(values)) for name, values in per_teacher.items()},
         **({"reward": float(np.mean(rewards))} if rewards else {}),
-        **({"context_fraction": float(np.mean(contexts))} if contexts else {}),
         **({"sampler_mismatch": float(np.mean(mismatches))} if mismatches else {}),
         **seconds,
         **(

@@ -288,7 +288,6 @@ class Trainer:
             lr=lr,
             seconds=time.perf_counter() - started,
             reward=mean_reward,
-            context_fraction=teacher_metrics.pop("context_fraction", None),
             teacher_metrics=teacher_metrics,
             phases=timer.seconds,
             generated_tokens=sum(b.num_tokens for b in batches) if sampled else 0,
