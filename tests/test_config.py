@@ -316,3 +316,45 @@ def test_arbitrary_overrides_apply_or_raise_opdistill_error(tmp_path, overrides)
     path = tmp_path / "base.yaml"
     path.write_text(BASE)
     check_load_config(path, overrides)
+
+
+SELF_DISTILL = "model: {student: s}\ntrain: {student_data_fraction: 1}\n"
+
+
+def test_the_diverse_preset_fills_only_the_keys_not_given(tmp_path):
+    from opdistill.config import SELF_DISTILL_PRESETS
+
+    preset = SELF_DISTILL_PRESETS["diverse"]
+    config = load_config(
+        write(tmp_path, SELF_DISTILL + "self_distill: {enabled: true, preset: diverse}")
+    )
+    for key, value in preset.items():
+        assert getattr(config.self_distill, key) == value
+    given = SELF_DISTILL + "self_distill: {enabled: true, preset: diverse, demo_attempts: 3}"
+    config = load_config(write(tmp_path, given))
+    assert config.self_distill.demo_attempts == 3
+    assert config.self_distill.context_strength == preset["context_strength"]
+    override = load_config(
+        write(tmp_path, SELF_DISTILL + "self_distill: {enabled: true, preset: diverse}"),
+        ["self_distill.context_strength=1.0"],
+    )
+    assert override.self_distill.context_strength == 1.0
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("{enabled: true, preset: wide}", r"self_distill\.preset: 'wide' is not one of"),
+        ("{enabled: true, demo_model: ema}", r"demo_model='ema' samples demonstrations"),
+        ("{enabled: true, context_strength: -1}", r"self_distill\.context_strength"),
+        ("{enabled: true, anchor_weight: -0.5}", r"self_distill\.anchor_weight"),
+        ("{enabled: true, anchor_kind: l2}", r"self_distill\.anchor_kind: 'l2' is not one of"),
+        (
+            "{enabled: true, context: demonstration, demo_model: ema, demo_ema_decay: 1}",
+            r"self_distill\.demo_ema_decay must be in \[0, 1\)",
+        ),
+    ],
+)
+def test_bad_diversity_options_name_the_key(tmp_path, section, message):
+    with pytest.raises(OpdistillError, match=message):
+        load_config(write(tmp_path, SELF_DISTILL + f"self_distill: {section}"))

@@ -403,3 +403,21 @@ def validate_minillm(clip, teacher_mix, adaptive=False):
         data=DataConfig(eval_size=4),
     )
     validate(config)
+
+
+def test_step_loss_adds_the_weighted_anchor_to_every_token():
+    """loss(base_logits) = loss + w·token_mean(D_anchor(π_base‖q_θ)), D_anchor = anchor_kind."""
+    from opdistill.config import Config, SelfDistillConfig
+    from opdistill.objectives import step_loss
+
+    g = torch.Generator().manual_seed(3)
+    student, teacher, base = (torch.randn(2, 4, 9, generator=g) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = Batch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), mask * 2, mask)
+    for kind in ("forward_kl", "reverse_kl"):
+        config = Config(self_distill=SelfDistillConfig(anchor_weight=0.4, anchor_kind=kind))
+        counts = (int(mask.sum()), 2)
+        plain = step_loss(config, student, teacher, batch, counts)
+        anchored = step_loss(config, student, teacher, batch, counts, base_logits=base)
+        extra = 0.4 * token_divergence(student, base, kind)[mask.bool()].sum() / mask.sum()
+        torch.testing.assert_close(anchored, plain + extra)

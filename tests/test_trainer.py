@@ -414,3 +414,79 @@ def test_small_top_k_teacher_trains_on_policy(tmp_path, tokenizer, graph_task):
     trainer = small_trainer(config, tokenizer, graph_task, teacher, student, 8)
     stats = [trainer.step() for _ in range(2)]
     assert all(math.isfinite(s.loss) and s.loss > 0 and s.grad_norm > 0 for s in stats)
+
+
+@pytest.mark.parametrize(
+    "remedy, copies",
+    [
+        ({"context_strength": 2.0}, set()),
+        ({"context_strength": 0.5, "weights": "live"}, set()),
+        ({"anchor_weight": 0.5}, {"teacher_copy"}),
+        ({"anchor_weight": 0.5, "weights": "live"}, {"initial_copy"}),
+        ({"demo_model": "ema", "demo_ema_decay": 0.5}, {"teacher_copy", "demo_copy"}),
+    ],
+)
+def test_diversity_remedies_train_with_the_networks_they_need(
+    tmp_path, tokenizer, graph_task, remedy, copies
+):
+    _, student = models(tokenizer)
+    remedy = {"weights": "frozen", **remedy}
+    config = self_distill_config(
+        tmp_path, context="demonstration", demo_selection="uniform", **remedy
+    )
+    trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
+    expected = copies | ({"teacher_copy"} if remedy["weights"] == "frozen" else set())
+    assert set(trainer.teacher.networks()) == expected
+    initial = {n: p.clone() for n, p in student.named_parameters()}
+    for _ in range(2):
+        assert math.isfinite(trainer.step().loss)
+    if "demo_copy" in copies:  # halfway between its start and the student, step by step
+        demo = dict(trainer.teacher.networks()["demo_copy"].named_parameters())
+        after = dict(trainer.accelerator.unwrap_model(trainer.student).named_parameters())
+        moved = [n for n in demo if not torch.equal(after[n], initial[n])]
+        assert all(not torch.equal(demo[n], initial[n]) for n in moved)
+
+
+def test_the_anchor_is_zero_at_the_initial_model_and_adds_its_divergence_later(
+    tmp_path, tokenizer, graph_task
+):
+    """Step 1 starts at the base model, so the anchor adds nothing; by step 3 the student has
+    moved, and the anchored loss is the plain one plus w·KL(π_base‖q_θ) > 0."""
+
+    def losses(weight):
+        _, student = models(tokenizer)
+        config = self_distill_config(tmp_path / str(weight), anchor_weight=weight)
+        config.train.lr = 3e-2
+        trainer = Trainer(config, student, tokenizer, graph_task, graph_task.examples("train", 16))
+        return [trainer.step().loss for _ in range(3)]
+
+    plain, anchored = losses(0.0), losses(2.0)
+    assert anchored[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
+    assert anchored[2] > plain[2] + 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_remedy_state_resumes_exactly(tmp_path, tokenizer, graph_task):
+    """The EMA demonstration copy and the anchor's initial copy are part of the checkpoint."""
+    train = graph_task.examples("train", 16)
+
+    def make_trainer(output):
+        _, student = models(tokenizer)
+        config = self_distill_config(
+            output,
+            weights="live",
+            context="demonstration",
+            demo_model="ema",
+            demo_ema_decay=0.5,
+            anchor_weight=0.3,
+            context_strength=1.5,
+        )
+        config.train = dataclasses.replace(config.train, steps=4, temperature=2.0)
+        return Trainer(config, student, tokenizer, graph_task, train)
+
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path)
+    for model in ("student", "demo_copy", "initial_copy"):
+        a = straight.student if model == "student" else straight.teacher.networks()[model]
+        b = resumed.student if model == "student" else resumed.teacher.networks()[model]
+        for name, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[name]), (model, name)

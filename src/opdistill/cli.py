@@ -202,11 +202,19 @@ def _demo(args: argparse.Namespace) -> None:
     output_dir = args.output_dir or (
         "runs/demo" if args.suite == "default" else f"runs/demo-{args.suite}"
     )
-    if args.suite == "self-distill":
+    if args.suite in ("self-distill", "self-distill-frontier"):
         from opdistill.experiments.self_distill import run_self_distill_suite
 
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-        run_self_distill_suite(Path(output_dir), cache, args.seeds, args.steps, args.quick)
+        run_self_distill_suite(
+            Path(output_dir),
+            cache,
+            args.seeds,
+            args.steps,
+            args.quick,
+            frontier=args.suite == "self-distill-frontier",
+            only=args.only,
+        )
         return
     if args.suite == "multi-teacher":
         from opdistill.experiments.multi_teacher import run_multi_teacher_suite
@@ -279,11 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--suite",
-        choices=["default", "objectives", "self-distill", "multi-teacher", "cross-tokenizer"],
+        choices=[
+            "default",
+            "objectives",
+            "self-distill",
+            "self-distill-frontier",
+            "multi-teacher",
+            "cross-tokenizer",
+        ],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
         "objective on the graph and arithmetic tasks; self-distill: self-distillation's "
-        "diversity cost against RL and GKD, in and out of distribution; multi-teacher: one "
+        "diversity cost against RL and GKD, in and out of distribution; self-distill-frontier: "
+        "the diversity-preserving remedies at several strengths; multi-teacher: one "
         "student from a graph and an arithmetic teacher at once; cross-tokenizer: a "
         "character-level teacher into a word-level student",
     )
@@ -306,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         "<!-- demo-results:end --> lines (nothing else in the file changes)",
     )
     demo.add_argument("--steps", type=int, default=None, help="steps per method")
+    demo.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="TEXT",
+        help="self-distill suites: run only the methods whose names contain one of these",
+    )
     demo.add_argument(
         "--prepare-only",
         action="store_true",

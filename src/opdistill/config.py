@@ -191,8 +191,17 @@ class SelfDistillConfig:
     context: "reference" (the example's reference solution, else its completion) or
         "demonstration" (correct rollouts sampled from `demo_model` and checked by the verifier,
         drawn afresh every step).
+    demo_model: who samples the demonstrations — "current" (the student as it is now),
+        "initial" (the model at the start) or "ema" (a slowly updated copy of the student,
+        `demo_ema_decay`).
     demo_selection: "probability" picks among correct samples as the model drew them (the
         published method); "uniform" picks uniformly over *distinct* correct solutions.
+    context_strength: α, the scale of the teacher's PCMI tilt: the teacher's log-probs become
+        log π(·|x) + α·(log π(·|x,c) − log π(·|x)), renormalised (1: the context teacher as is).
+    anchor_weight / anchor_kind: w·D(π_base‖q_θ) added to every token's loss, π_base being the
+        initial model on the plain prompt (forward KL: mass-covering).
+    preset: "diverse" fills the keys not given with the diversity-preserving configuration
+        (`SELF_DISTILL_PRESETS`).
     template: the teacher's user message; `{prompt}` is the student's prompt and `{context}` the
         context (several demonstrations are joined by `separator`).
     """
@@ -202,12 +211,19 @@ class SelfDistillConfig:
     ema_decay: float = 0.99
     context: Literal["reference", "demonstration"] = "reference"
     num_demonstrations: int = 1
-    demo_model: Literal["current", "initial"] = "current"
+    demo_model: Literal["current", "initial", "ema"] = "current"
+    demo_ema_decay: float = 0.99
     demo_selection: Literal["probability", "uniform"] = "probability"
     demo_attempts: int = 8  # samples drawn per prompt to find correct demonstrations
     demo_temperature: float = 1.0
     template: str = DEFAULT_CONTEXT_TEMPLATE
     separator: str = "\n"
+    context_strength: float = 1.0
+    anchor_weight: float = 0.0
+    anchor_kind: Literal[
+        "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
+    ] = "forward_kl"
+    preset: Literal["none", "diverse"] = "none"
 
 
 @dataclass
@@ -429,9 +445,34 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# `self_distill.preset`: keys filled in where the config does not give them
+# (docs/self-distillation.md, "Keeping diversity", explains the choice).
+SELF_DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    "diverse": {
+        "context": "demonstration",
+        "demo_model": "initial",
+        "demo_selection": "uniform",
+        "demo_attempts": 8,
+        "context_strength": 2.0,
+    },
+}
+
+
+def _with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `self_distill.preset`'s keys filled in under the ones given."""
+    section = values.get("self_distill")
+    if not isinstance(section, dict) or section.get("preset", "none") == "none":
+        return values
+    name = section["preset"]
+    preset = SELF_DISTILL_PRESETS.get(name) if isinstance(name, str) else None
+    if preset is None:  # not a preset: the key's own check names the valid ones
+        return values
+    return {**values, "self_distill": {**preset, **section}}
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Build and validate a `Config` from nested plain data."""
-    config = _build(Config, values, "")
+    """Build and validate a `Config` from nested plain data (presets expanded first)."""
+    config = _build(Config, _with_preset(values), "")
     config.train.output_dir = os.path.expanduser(config.train.output_dir)  # ~/x: the home's x
     validate(config)
     return config
@@ -599,6 +640,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "self_distill.num_demonstrations": (1, 64),
     "self_distill.demo_attempts": (1, 1024),
     "self_distill.demo_temperature": (1e-3, 100),
+    "self_distill.context_strength": (0, 100),
+    "self_distill.anchor_weight": (0, 1e4),
     "train.steps": (0, _BIG),
     "train.batch_size": (1, 4096),
     "train.grad_accum": (1, 4096),
@@ -989,6 +1032,12 @@ def _validate_self_distill(config: Config) -> None:
         return
     checks = [
         (0.0 <= sd.ema_decay < 1.0, "self_distill.ema_decay must be in [0, 1)"),
+        (0.0 <= sd.demo_ema_decay < 1.0, "self_distill.demo_ema_decay must be in [0, 1)"),
+        (
+            sd.demo_model == "current" or sd.context == "demonstration",
+            f"self_distill.demo_model={sd.demo_model!r} samples demonstrations: set "
+            "self_distill.context=demonstration",
+        ),
         (sd.num_demonstrations >= 1, "self_distill.num_demonstrations must be >= 1"),
         (sd.demo_attempts >= 1, "self_distill.demo_attempts must be >= 1"),
         (sd.demo_temperature > 0, "self_distill.demo_temperature must be > 0"),

@@ -43,6 +43,7 @@ from opdistill.losses import (
     weighted_token_mean,
 )
 from opdistill.losses.projected import ProjectedLogits, projected_token_loss
+from opdistill.losses.self_distill import base_anchor
 from opdistill.teachers import Answer, TopKLogprobs
 
 TeacherScores = Tensor | TopKLogprobs | ProjectedLogits | None
@@ -356,6 +357,20 @@ def per_token_loss(
     return reward_mixed_loss(distill, pg, weight)
 
 
+def anchor_loss(
+    config: Config, student_logits: Tensor | ProjectedLogits, base_logits: Tensor
+) -> Tensor:
+    """w·D(π_base‖q_θ) per token (`self_distill.anchor_weight`, `anchor_kind`), [B, R]."""
+    sd, temperature = config.self_distill, config.loss.temperature
+
+    def anchor(student: Tensor, base: Tensor) -> Tensor:
+        return base_anchor(student, base, sd.anchor_weight, sd.anchor_kind, temperature)
+
+    if isinstance(student_logits, ProjectedLogits):
+        return projected_token_loss(student_logits, base_logits, anchor, config.loss.chunk_size)
+    return anchor(student_logits, base_logits)
+
+
 def uses_token_weights(config: Config) -> bool:
     """Whether TIP selection or position weights change the per-token weights."""
     return config.loss.tip.mode != "off" or config.loss.position_weights.enabled
@@ -438,11 +453,13 @@ def step_loss(
     rewards: Tensor | None = None,
     generator: torch.Generator | None = None,
     observe: Callable[[Batch, Tensor, Tensor | ProjectedLogits], None] | None = None,
+    base_logits: Tensor | None = None,
 ) -> Tensor:
     """A micro-batch's share of the step loss: the objective per token (mixed with the policy
-    gradient of the verifier `rewards`, group-normalised, when configured), weighted by TIP /
-    position weights, reduced with the step's global (token, sequence) `counts`. `observe` sees
-    the per-token loss (a teacher's per-step statistics)."""
+    gradient of the verifier `rewards`, group-normalised, when configured), plus the anchor to
+    `base_logits` (`self_distill.anchor_weight`), weighted by TIP / position weights, reduced
+    with the step's global (token, sequence) `counts`. `observe` sees the per-token objective (a
+    teacher's per-step statistics)."""
     advantages = None
     if rewards is not None:
         advantages = group_advantages(
@@ -455,6 +472,8 @@ def step_loss(
     )
     if observe is not None and teacher_scores is not None:
         observe(batch, per_token, student_logits)
+    if base_logits is not None:
+        per_token = per_token + anchor_loss(config, student_logits, base_logits)
     weights = None
     if uses_token_weights(config):  # TIP selection, position weights
         weights = token_weights(

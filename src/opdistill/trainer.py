@@ -126,6 +126,7 @@ class Trainer:
             examples=self.stream.examples,
         )
         self.teacher_answer = teacher_answer(config)
+        self.anchored = config.self_distill.enabled and config.self_distill.anchor_weight > 0
         check_teacher(config, self.teacher, self.teacher_answer)
 
         # Samplers: the student (or MiniLLM's teacher–student mixture), and the teacher. Sampler
@@ -242,6 +243,7 @@ class Trainer:
                     teacher_scores = ask_teacher(
                         self.teacher, self.teacher_answer, batch, self.config.loss, chunked
                     )
+                    anchor = self.teacher.base_logits(batch) if self.anchored else None
                 # 4. Loss.
                 with timer.phase("forward_backward"):
                     student_logits = self._student_logits(batch, chunked)
@@ -258,6 +260,7 @@ class Trainer:
                         rewards=reward,
                         generator=self.token_generator,
                         observe=self.teacher.observe if self.teacher is not None else None,
+                        base_logits=anchor,
                     )
                 with timer.phase("forward_backward"):
                     self.accelerator.backward(loss * world)

@@ -64,3 +64,46 @@ def test_frozen_copy_and_ema_update(tokenizer):
     for name, value in copy.named_parameters():
         student_value = dict(student.named_parameters())[name]
         torch.testing.assert_close(value, 0.75 * before[name] + 0.25 * student_value)
+
+
+def test_context_strength_scales_the_tilt_against_the_plain_prompt(tokenizer, graph_task):
+    """α = 0 scores like the network on the student's own prompt; α = 2 doubles the PCMI."""
+    from opdistill.losses import tilted_teacher_logprobs
+
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=5)
+    batch = dataset_batch(tokenizer, graph_task.examples("train", 3))
+    vocab = len(tokenizer)
+
+    def teacher(strength):
+        return PrivilegedContextTeacher(
+            model, tokenizer, vocab, ReferenceContext(), TEMPLATE, context_strength=strength
+        )
+
+    with torch.no_grad():
+        plain = batch_logits(model, batch, vocab)
+    context = teacher(1.0).logits(batch)
+    torch.testing.assert_close(
+        teacher(0.0).logits(batch), torch.log_softmax(plain, -1), atol=1e-5, rtol=1e-4
+    )
+    doubled = teacher(2.0).logits(batch)
+    torch.testing.assert_close(doubled, tilted_teacher_logprobs(context, plain, 2.0))
+    pcmi = torch.log_softmax(context, -1) - torch.log_softmax(plain, -1)
+    step = doubled - torch.log_softmax(plain, -1)  # = 2·PCMI − log Z per position
+    torch.testing.assert_close(
+        step - step[..., :1], 2 * (pcmi - pcmi[..., :1]), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_base_logits_are_the_initial_network_on_the_plain_prompt(tokenizer, graph_task):
+    student = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=6)
+    initial = frozen_copy(student)
+    batch = dataset_batch(tokenizer, graph_task.examples("train", 4))
+    vocab = len(tokenizer)
+    teacher = PrivilegedContextTeacher(
+        student, tokenizer, vocab, ReferenceContext(), TEMPLATE, initial_network=(initial, False)
+    )
+    with torch.no_grad():
+        expected = batch_logits(initial, batch, vocab)
+        for p in student.parameters():  # the live student moves on; the base does not
+            p.add_(0.1)
+    torch.testing.assert_close(teacher.base_logits(batch), expected)

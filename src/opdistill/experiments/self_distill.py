@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from opdistill.experiments.demo import (
     slug,
     task_data,
 )
+from opdistill.files import write_atomic
 from opdistill.tasks import Example, GraphTask
 
 # Words of the demo tokenizer's vocabulary (it is trained on graph prompts and paths only).
@@ -95,6 +97,74 @@ def methods(settings: SelfDistillSettings) -> dict[str, dict[str, Any]]:
             "train": {"student_data_fraction": 1.0},
         },
     }
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One remedy at one strength: its configuration, drawn as one point of its line."""
+
+    family: str
+    strength: float
+    options: dict[str, Any]
+
+
+def remedies(settings: SelfDistillSettings) -> dict[str, FrontierPoint]:
+    """The frontier suite: each diversity-preserving remedy at several strengths, beside the
+    published method (SDSD), RL with the verifier and GKD from the teacher
+    (docs/self-distillation.md derives each remedy from the tilt)."""
+    sampled = {"context": "demonstration", "demo_attempts": settings.demo_attempts}
+    balanced = {
+        "context": "demonstration",
+        "demo_attempts": 2 * settings.demo_attempts,
+        "demo_selection": "uniform",
+        "demo_model": "initial",
+    }
+    reference_methods = methods(settings)
+    points = {
+        "SDSD (sampled demo)": FrontierPoint("SDSD", 1.0, _self_distill(**sampled)),
+        "RL (GRPO, verifier)": FrontierPoint(
+            "RL (GRPO)", 0.0, reference_methods["RL (GRPO, verifier)"]
+        ),
+        "GKD from teacher (RKL)": FrontierPoint(
+            "GKD from teacher", 0.0, reference_methods["GKD on-policy from teacher (RKL)"]
+        ),
+    }
+    for alpha in (0.5,):
+        points[f"tempered tilt α={alpha}, sampled demo"] = FrontierPoint(
+            "tempered tilt (sampled demo)", alpha, _self_distill(**sampled, context_strength=alpha)
+        )
+    for weight in (0.3, 1.0):
+        points[f"FKL anchor w={weight}, sampled demo"] = FrontierPoint(
+            "FKL anchor to base (sampled demo)",
+            weight,
+            _self_distill(**sampled, anchor_weight=weight),
+        )
+    for decay in (0.9,):
+        points[f"EMA demos d={decay}, uniform"] = FrontierPoint(
+            "balanced demos from an EMA copy",
+            decay,
+            _self_distill(**{**balanced, "demo_model": "ema"}, demo_ema_decay=decay),
+        )
+    for alpha in (1.0, 2.0, 3.0):
+        points[f"balanced demos α={alpha}"] = FrontierPoint(
+            "balanced demos (initial, uniform), tilt α",
+            alpha,
+            _self_distill(**balanced, context_strength=alpha),
+        )
+    points["balanced demos α=2 + FKL anchor w=0.3"] = FrontierPoint(
+        "balanced demos α=2 + FKL anchor",
+        0.3,
+        _self_distill(**balanced, context_strength=2.0, anchor_weight=0.3),
+    )
+    points["balanced demos α=2 + verifier reward"] = FrontierPoint(
+        "balanced demos α=2 + reward",
+        0.5,
+        merge_options(
+            _self_distill(**balanced, context_strength=2.0),
+            {"reward": {"distill_weight": 0.5, "group_size": 4}},
+        ),
+    )
+    return points
 
 
 METRICS = [
@@ -189,12 +259,20 @@ def run_self_distill_suite(
     seeds: int = 3,
     steps: int | None = None,
     quick: bool = False,
+    frontier: bool = False,
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the suite; print the table and write `results.json` and the pass@k plots."""
+    """Run the suite (the trade-off, or with `frontier` the remedies at several strengths);
+    print the table and write `results.json` and the plots. `only` keeps the methods whose
+    names contain one of its strings."""
     started = time.perf_counter()
     demo = DemoSettings.quick() if quick else DemoSettings()
     settings = SelfDistillSettings.quick() if quick else SelfDistillSettings()
     steps = steps or settings.method_steps
+    points = remedies(settings) if frontier else None
+    chosen = {n: p.options for n, p in points.items()} if points else methods(settings)
+    if only:
+        chosen = {n: o for n, o in chosen.items() if any(part in n for part in only)}
     root = prepare(cache_dir, demo, GRAPH, quick)
     output_dir.mkdir(parents=True, exist_ok=True)
     base_path = prepare_base(root, demo, settings, output_dir)
@@ -231,13 +309,13 @@ def run_self_distill_suite(
         ]
 
     scorer = model_teacher(teacher, len(tokenizer))
-    runs = [(seed, method) for seed in range(seeds) for method in methods(settings)]
+    runs = [(seed, method) for seed in range(seeds) for method in chosen]
     progress = tqdm(runs, desc="self-distill runs", dynamic_ncols=True)
     for seed, method in progress:
         progress.set_postfix_str(f"seed {seed}, {method}")
         run_dir = output_dir / "runs" / f"{slug(method)}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        options = merge_options(methods(settings)[method], eval_options)
+        options = merge_options(chosen[method], eval_options)
         config = run_config(demo, GRAPH, run_dir, steps, seed, demo.method_lr, options)
         self_distilling = config.self_distill.enabled
         trainer = Trainer(
@@ -255,33 +333,105 @@ def run_self_distill_suite(
         metrics.update(_evaluate(student, tokenizer, instance, ood, config, "ood "))
         metrics["seconds_per_step"] = trainer.train_seconds / max(1, steps)
         per_seed.setdefault(method, []).append(dict(metrics))
+        write_atomic(output_dir / "partial.json", json.dumps(per_seed, indent=1) + "\n")
         progress.write(
-            f"seed {seed}  {method:36s} pass@1 {metrics['pass@1']:.3f}  "
+            f"seed {seed}  {method:40s} pass@1 {metrics['pass@1']:.3f}  "
             f"pass@64 {metrics.get(f'pass@{settings.eval_samples}', float('nan')):.3f}  "
-            f"ood pass@1 {metrics['ood pass@1']:.3f}  ({trainer.train_seconds:.0f}s)"
+            f"ood pass@64 "
+            f"{metrics.get(f'ood pass@{settings.eval_samples}', float('nan')):.3f}  "
+            f"({trainer.train_seconds:.0f}s)"
         )
     progress.close()
 
-    plots = []
-    for prefix, label in (("", "in distribution"), ("ood ", "out of distribution")):
-        curves = {
-            m: summarise_curves([_curve(r, prefix) for r in runs]) for m, runs in per_seed.items()
-        }
-        name = "pass_at_k.png" if not prefix else "pass_at_k_ood.png"
-        plots.append(
-            plot_pass_at_k(
-                curves,
-                output_dir / name,
-                title=f"graph, {label}: {steps} steps per method, {seeds} seeds",
-                dashed=("teacher", "base student"),
+    title = f"graph: {steps} steps per method, {seeds} seeds"
+    if points:
+        at = f"pass@{settings.eval_samples}"
+        plots = [
+            plot_frontier(
+                per_seed,
+                {n: p for n, p in points.items() if n in chosen},
+                at,
+                output_dir / "frontier.png",
+                title,
             )
-        )
+        ]
+    else:
+        plots = []
+        for prefix, label in (("", "in distribution"), ("ood ", "out of distribution")):
+            curves = {
+                m: summarise_curves([_curve(r, prefix) for r in runs])
+                for m, runs in per_seed.items()
+            }
+            name = "pass_at_k.png" if not prefix else "pass_at_k_ood.png"
+            plots.append(
+                plot_pass_at_k(
+                    curves,
+                    output_dir / name,
+                    title=f"{title.replace('graph', f'graph, {label}')}",
+                    dashed=("teacher", "base student"),
+                )
+            )
     shown = [m.replace("@64", f"@{settings.eval_samples}") for m in METRICS]
-    header = {"suite": "self-distill", "steps_per_method": steps, "seeds": seeds}
+    header = {
+        "suite": "self-distill-frontier" if frontier else "self-distill",
+        "steps_per_method": steps,
+        "seeds": seeds,
+    }
     header |= {"settings": dataclasses.asdict(settings), "ood_prompts": len(ood)}
     return report_results(
         output_dir, header, per_seed, list(dict.fromkeys(shown)), HEADERS, plots, started
     )
+
+
+def plot_frontier(
+    per_seed: dict[str, list[dict[str, float]]],
+    points: dict[str, FrontierPoint],
+    at: str,
+    path: Path,
+    title: str,
+) -> Path:
+    """pass@1 against `at` (pass@64) in distribution and out of it, mean ± std over seeds; the
+    points of one remedy are joined in order of strength. The teacher and base are reference
+    marks; the goal region is shaded."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.2))
+    FigureCanvasAgg(fig)
+    panels = [(fig.add_subplot(1, 2, 1), at, 0.99), (fig.add_subplot(1, 2, 2), f"ood {at}", 0.95)]
+    families: dict[str, list[tuple[float, str]]] = {}
+    for name, point in points.items():
+        families.setdefault(point.family, []).append((point.strength, name))
+    for ax, y_metric, goal in panels:
+        ax.fill_between([0.65, 1.0], goal, 1.005, color="tab:green", alpha=0.12, label="goal")
+        for family, members in families.items():
+            xs, ys, xe, ye = [], [], [], []
+            for _, name in sorted(members):
+                rows = per_seed.get(name, [])
+                if not rows:
+                    continue
+                x = [r["pass@1"] for r in rows]
+                y = [r[y_metric] for r in rows]
+                xs.append(statistics.fmean(x))
+                ys.append(statistics.fmean(y))
+                xe.append(statistics.pstdev(x))
+                ye.append(statistics.pstdev(y))
+            if xs:
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=family)
+        for name, marker in (("teacher", "*"), ("base student", "s")):
+            if name in per_seed:
+                row = per_seed[name][0]
+                ax.plot(row["pass@1"], row[y_metric], marker, color="black", ms=10, label=name)
+        ax.set_xlabel("pass@1")
+        ax.set_ylabel(y_metric)
+        ax.grid(alpha=0.3)
+    panels[0][0].set_title(f"{title}: in distribution")
+    panels[1][0].set_title("out of distribution (usual path blocked)")
+    panels[1][0].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def _curve(metrics: dict[str, float], prefix: str) -> dict[int, float]:

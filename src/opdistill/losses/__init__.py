@@ -24,6 +24,7 @@ from opdistill.losses.sampled import (
     vopd_loss,
 )
 from opdistill.losses.selection import position_weights, tip_weights, weighted_token_mean
+from opdistill.losses.self_distill import base_anchor, tilted_teacher_logprobs
 from opdistill.losses.taid import TaidSchedule, taid_loss
 from opdistill.losses.topk import log1mexp, topk_divergence
 from opdistill.losses.uld import uld_distance
@@ -32,6 +33,7 @@ __all__ = [
     "DIVERGENCE_KINDS",
     "REDUCTIONS",
     "TaidSchedule",
+    "base_anchor",
     "check_temperature",
     "chunked_token_divergence",
     "discounted_returns",
@@ -49,6 +51,7 @@ __all__ = [
     "sampled_token_loss",
     "sequence_mean",
     "taid_loss",
+    "tilted_teacher_logprobs",
     "tip_weights",
     "token_divergence",
     "token_logprobs",

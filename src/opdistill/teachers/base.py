@@ -123,6 +123,11 @@ class Teacher(Protocol):
     def logits(self, batch: Batch) -> Tensor:
         raise self.cannot("logits")
 
+    def base_logits(self, batch: Batch) -> Tensor:
+        """Logits [B, R, V] of the base distribution the student started from, on the student's
+        own prompt (the anchor of `self_distill.anchor_weight`); only self-distillation has one."""
+        raise OpdistillError(f"{self.name} has no base distribution to anchor to")
+
     def projected_logits(self, batch: Batch) -> ProjectedLogits:
         """The logits as hidden states [B, R, H] and the output projection, formed per chunk by
         the losses (only teachers whose `answers` include "projected")."""

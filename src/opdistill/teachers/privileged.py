@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opdistill.batch import Batch, chat_prompt, left_pad, sequence_logits
 from opdistill.config import Config
 from opdistill.errors import OpdistillError
+from opdistill.losses.self_distill import tilted_teacher_logprobs
 from opdistill.models.lora import adapters_disabled, is_lora
 from opdistill.rollout import BaseModelRollout, HFGenerateRollout, RolloutBackend
 from opdistill.tasks.base import Example, Task
@@ -44,12 +45,19 @@ class PrivilegedContextTeacher(Teacher):
         base_weights: bool = False,
         copies: dict[str, PreTrainedModel] | None = None,
         ema_decay: float | None = None,
+        context_strength: float = 1.0,
+        initial_network: tuple[PreTrainedModel, bool] | None = None,
+        demo_ema_decay: float | None = None,
     ):
         self.model = model
         # Networks besides the student whose weights are training state: the frozen or EMA
         # teacher ("teacher_copy") and the initial model that samples demonstrations.
         self.copies = dict(copies or {})
         self.ema_decay = ema_decay  # the teacher copy follows the student after every step
+        self.demo_ema_decay = demo_ema_decay  # so does the demonstrations' copy, more slowly
+        self.context_strength = context_strength
+        # The base distribution of the anchor term: (network, whether to disable its adapters).
+        self.initial_network = initial_network or (model, base_weights)
         self.base_weights = base_weights  # a LoRA student scoring with its adapters disabled
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -73,16 +81,41 @@ class PrivilegedContextTeacher(Teacher):
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> Tensor:
-        device = next(self.model.parameters()).device
+        """The context teacher's logits; with `context_strength` α ≠ 1, the log-probs of the
+        tilt-scaled teacher (`losses.tilted_teacher_logprobs`) against the same network on the
+        plain prompt."""
         prompt_ids, prompt_mask = left_pad(
             self.prompt_ids(batch.examples), self.tokenizer.pad_token_id
         )
-        was_training = self.model.training
-        self.model.eval()  # the live student is in train mode during the step
+        context = self._score(self.model, prompt_ids, prompt_mask, batch, self.base_weights)
+        if self.context_strength == 1.0:
+            return context
+        plain = self._score(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch, self.base_weights
+        )
+        return tilted_teacher_logprobs(context, plain, self.context_strength)
+
+    @torch.no_grad()
+    def base_logits(self, batch: Batch) -> Tensor:
+        """The initial model on the student's plain prompt: π_base of the anchor term."""
+        model, base_weights = self.initial_network
+        return self._score(model, batch.prompt_ids, batch.prompt_mask, batch, base_weights)
+
+    def _score(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        batch: Batch,
+        base_weights: bool,
+    ) -> Tensor:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # the live student is in train mode during the step
         try:
-            with adapters_disabled(self.model) if self.base_weights else nullcontext():
+            with adapters_disabled(model) if base_weights else nullcontext():
                 logits = sequence_logits(
-                    self.model,
+                    model,
                     prompt_ids.to(device),
                     prompt_mask.to(device),
                     batch.response_ids.to(device),
@@ -90,7 +123,7 @@ class PrivilegedContextTeacher(Teacher):
                     self.vocab_size,
                 )
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         return logits.float()
 
     reports_distance = False  # the student itself, reading context
@@ -103,9 +136,11 @@ class PrivilegedContextTeacher(Teacher):
         return {"context_fraction": self.context_fraction()}
 
     def after_optimizer_step(self, student: PreTrainedModel) -> None:
-        """An EMA teacher moves toward the student: copy ← decay·copy + (1 − decay)·student."""
+        """EMA copies move toward the student: copy ← decay·copy + (1 − decay)·student."""
         if self.ema_decay is not None:
             ema_update(self.copies["teacher_copy"], student, self.ema_decay)
+        if self.demo_ema_decay is not None:
+            ema_update(self.copies["demo_copy"], student, self.demo_ema_decay)
 
     def state_dict(self) -> dict[str, Any]:
         state = getattr(self.source, "state_dict", None)
@@ -154,6 +189,18 @@ def build_self_distill_teacher(
     copies: dict[str, PreTrainedModel] = {}
     if sd.weights in ("frozen", "ema"):
         copies["teacher_copy"] = frozen_copy(student)
+    # The model at the start: the frozen copy, the LoRA base, or a copy of its own.
+    initial: tuple[PreTrainedModel, bool] | None = None
+    wants_initial = sd.anchor_weight > 0 or (
+        sd.context == "demonstration" and sd.demo_model == "initial"
+    )
+    if sd.weights == "frozen":
+        initial = (copies["teacher_copy"], False)
+    elif sd.weights == "base":
+        initial = (student, True)
+    elif wants_initial:
+        copies["initial_copy"] = frozen_copy(student)
+        initial = (copies["initial_copy"], False)
     source: ContextSource
     if sd.context == "reference":
         lacking = [e for e in examples if e.reference is None and not e.completion]
@@ -171,10 +218,10 @@ def build_self_distill_teacher(
                 f"the sampled demonstrations; {task.name!r} has none"
             )
         demo_model = student
-        if sd.demo_model == "initial" and sd.weights == "frozen":
-            demo_model = copies["teacher_copy"]
-        elif sd.demo_model == "initial" and sd.weights != "base":
-            demo_model = copies["initial_copy"] = frozen_copy(student)
+        if sd.demo_model == "initial" and initial is not None and not initial[1]:
+            demo_model = initial[0]
+        elif sd.demo_model == "ema":
+            demo_model = copies["demo_copy"] = frozen_copy(student)
         sampler: RolloutBackend = HFGenerateRollout(demo_model, tokenizer, False)
         if sd.demo_model == "initial" and sd.weights == "base":
             sampler = BaseModelRollout(sampler, student)  # LoRA starts at its base model
@@ -199,4 +246,7 @@ def build_self_distill_teacher(
         base_weights=sd.weights == "base",
         copies=copies,
         ema_decay=sd.ema_decay if sd.weights == "ema" else None,
+        context_strength=sd.context_strength,
+        initial_network=initial,
+        demo_ema_decay=sd.demo_ema_decay if "demo_copy" in copies else None,
     )
