@@ -214,6 +214,7 @@ def _demo(args: argparse.Namespace) -> None:
             args.quick,
             frontier=args.suite == "self-distill-frontier",
             only=args.only,
+            reuse=args.reuse_runs,
         )
         return
     if args.suite == "multi-teacher":
@@ -328,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         metavar="TEXT",
         help="self-distill suites: run only the methods whose names contain one of these",
+    )
+    demo.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="self-distill suites: keep the runs already finished in the output directory with "
+        "the same settings; several processes started alike share the remaining runs",
     )
     demo.add_argument(
         "--prepare-only",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import time
@@ -41,6 +42,7 @@ from opdistill.experiments.demo import (
     prepare,
     report_results,
     run_config,
+    settings_fingerprint,
     slug,
     task_data,
 )
@@ -261,10 +263,13 @@ def run_self_distill_suite(
     quick: bool = False,
     frontier: bool = False,
     only: Sequence[str] = (),
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Run the suite (the trade-off, or with `frontier` the remedies at several strengths);
     print the table and write `results.json` and the plots. `only` keeps the methods whose
-    names contain one of its strings."""
+    names contain one of its strings. With `reuse`, runs already finished in `output_dir` with
+    the same settings are kept, and processes started alike on one `output_dir` share the rest
+    (each run is claimed by one of them); the table holds the runs finished so far."""
     started = time.perf_counter()
     demo = DemoSettings.quick() if quick else DemoSettings()
     settings = SelfDistillSettings.quick() if quick else SelfDistillSettings()
@@ -314,8 +319,13 @@ def run_self_distill_suite(
     for seed, method in progress:
         progress.set_postfix_str(f"seed {seed}, {method}")
         run_dir = output_dir / "runs" / f"{slug(method)}-seed{seed}"
-        shutil.rmtree(run_dir, ignore_errors=True)
         options = merge_options(chosen[method], eval_options)
+        stamp = settings_fingerprint(settings, demo, steps, seed, options)
+        if reuse and _finished(run_dir, stamp) is not None:
+            continue
+        if reuse and not _claim(run_dir):
+            continue  # another process of the same suite is running it
+        shutil.rmtree(run_dir, ignore_errors=True)
         config = run_config(demo, GRAPH, run_dir, steps, seed, demo.method_lr, options)
         self_distilling = config.self_distill.enabled
         trainer = Trainer(
@@ -332,8 +342,9 @@ def run_self_distill_suite(
         student = trainer.accelerator.unwrap_model(trainer.student)
         metrics.update(_evaluate(student, tokenizer, instance, ood, config, "ood "))
         metrics["seconds_per_step"] = trainer.train_seconds / max(1, steps)
-        per_seed.setdefault(method, []).append(dict(metrics))
-        write_atomic(output_dir / "partial.json", json.dumps(per_seed, indent=1) + "\n")
+        finished = dict(metrics)
+        write_atomic(run_dir / RUN_RESULT, json.dumps({"stamp": stamp, "metrics": finished}) + "\n")
+        _claim_file(run_dir).unlink(missing_ok=True)
         progress.write(
             f"seed {seed}  {method:40s} pass@1 {metrics['pass@1']:.3f}  "
             f"pass@64 {metrics.get(f'pass@{settings.eval_samples}', float('nan')):.3f}  "
@@ -342,6 +353,13 @@ def run_self_distill_suite(
             f"({trainer.train_seconds:.0f}s)"
         )
     progress.close()
+    for seed, method in runs:  # in a fixed order, whichever process ran them
+        stamp = settings_fingerprint(
+            settings, demo, steps, seed, merge_options(chosen[method], eval_options)
+        )
+        finished = _finished(output_dir / "runs" / f"{slug(method)}-seed{seed}", stamp)
+        if finished is not None:
+            per_seed.setdefault(method, []).append(finished)
 
     title = f"graph: {steps} steps per method, {seeds} seeds"
     if points:
@@ -381,6 +399,43 @@ def run_self_distill_suite(
     return report_results(
         output_dir, header, per_seed, list(dict.fromkeys(shown)), HEADERS, plots, started
     )
+
+
+RUN_RESULT = "result.json"
+
+
+def _finished(run_dir: Path, stamp: str) -> dict[str, float] | None:
+    """The metrics of a run finished with these settings, or None."""
+    try:
+        result = json.loads((run_dir / RUN_RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    return result["metrics"] if result.get("stamp") == stamp else None
+
+
+def _claim_file(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.claim"
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take the run for this process, unless a live process holds its claim."""
+    claim = _claim_file(run_dir)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            with claim.open("x") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                holder = int(claim.read_text() or 0)
+                os.kill(holder, 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # its process is gone: take it over
+            except PermissionError:
+                return False
+    return False
 
 
 def plot_frontier(

@@ -54,6 +54,7 @@ INSTRUCTION = 'Write the calculation, then "The answer is" and the number.'
 OFF_POLICY, ON_POLICY = {"student_data_fraction": 0.0}, {"student_data_fraction": 1.0}
 SELF_DISTILL = "self-distillation (RKL, reference)"
 SELF_DISTILLED_TEACHER = "SmolLM2-135M self-distilled (RKL, reference)"
+DIVERSE_TEACHER = "SmolLM2-135M self-distilled (preset diverse)"
 METHODS: dict[str, dict[str, Any]] = {
     "SFT": {"loss": {"kind": "nll"}, "train": OFF_POLICY},
     "supervised KD (FKL)": {"loss": {"kind": "forward_kl"}, "train": OFF_POLICY},
@@ -108,6 +109,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=3e-5,
         help="learning rate of the self-distillation of the 135M model itself (0: skip that run)",
+    )
+    parser.add_argument(
+        "--self-distill-preset",
+        choices=["none", "diverse"],
+        default="none",
+        help="also self-distil the 135M model with this self_distill.preset (sampled "
+        "demonstrations instead of the reference)",
+    )
+    parser.add_argument(
+        "--demo-attempts", type=int, default=4, help="demonstration attempts of the preset run"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=(),
+        metavar="TEXT",
+        help="run only the methods whose names contain one of these",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -395,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(
             (SELF_DISTILLED_TEACHER, teacher, METHODS[SELF_DISTILL], args.teacher_self_distill_lr)
         )
+    if args.self_distill_preset != "none":
+        preset = {"preset": args.self_distill_preset, "demo_attempts": args.demo_attempts}
+        method = {**METHODS[SELF_DISTILL], "self_distill": {"enabled": True, **preset}}
+        runs.append((DIVERSE_TEACHER, teacher, method, args.teacher_self_distill_lr or 3e-5))
+    if args.methods:
+        runs = [r for r in runs if any(part in r[0] for part in args.methods)]
     for name, initial, method, lr in runs:
         run_dir = output_dir / "runs" / slug(name)
         shutil.rmtree(run_dir, ignore_errors=True)
