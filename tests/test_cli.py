@@ -123,6 +123,7 @@ def test_examples_cover_the_documented_methods():
         "grpo",
         "self_distill_reference",
         "self_distill_demonstration",
+        "self_distill_diverse",
     } <= names
 
 

@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         teacher = teacher.eval().requires_grad_(False)
         scorer = model_teacher(teacher, len(tokenizer))
+    wanted = [n for n in METHODS if not args.methods or any(m in n for m in args.methods)]
     student = truncated_copy(teacher, args.student_layers)
     print(
         f"initial student: the first {args.student_layers} of "
@@ -377,16 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         "parameters)",
         flush=True,
     )
-    student, timing["student_warmup"] = warmed_up(
-        args,
-        f"student-{args.student_layers}L",
-        student,
-        args.warmup_steps,
-        args.warmup_lr,
-        tokenizer,
-        task,
-        train,
-    )
+    if wanted or args.prepare_only:  # the student methods run (not only the 135M's own)
+        student, timing["student_warmup"] = warmed_up(
+            args,
+            f"student-{args.student_layers}L",
+            student,
+            args.warmup_steps,
+            args.warmup_lr,
+            tokenizer,
+            task,
+            train,
+        )
     if args.prepare_only:
         print(f"warmed-up models are cached in {cache_root(args)}")
         return 0
@@ -403,10 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"teacher (SmolLM2-135M-Instruct{tuned})"] = evaluate(
         "teacher", teacher, tokenizer, task, evals, base, None
     )
-    params = count_parameters(student)
-    rows[f"initial student ({args.student_layers} layers, {params / 1e6:.0f}M)"] = evaluate(
-        "initial student", student, tokenizer, task, evals, base, scorer
-    )
+    if wanted:
+        params = count_parameters(student)
+        rows[f"initial student ({args.student_layers} layers, {params / 1e6:.0f}M)"] = evaluate(
+            "initial student", student, tokenizer, task, evals, base, scorer
+        )
 
     runs = [(name, student, method, args.lr) for name, method in METHODS.items()]
     if args.teacher_self_distill_lr > 0:  # the 135M model itself, as its own teacher

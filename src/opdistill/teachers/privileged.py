@@ -51,7 +51,8 @@ class PrivilegedContextTeacher(Teacher):
     ):
         self.model = model
         # Networks besides the student whose weights are training state: the frozen or EMA
-        # teacher ("teacher_copy") and the initial model that samples demonstrations.
+        # teacher ("teacher_copy"), the initial model ("initial_copy": it samples
+        # demonstrations or anchors the loss) and the EMA copy that samples them ("demo_copy").
         self.copies = dict(copies or {})
         self.ema_decay = ema_decay  # the teacher copy follows the student after every step
         self.demo_ema_decay = demo_ema_decay  # so does the demonstrations' copy, more slowly
