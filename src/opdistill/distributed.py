@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor
 
 from opdistill.errors import OpdistillError
 
@@ -70,10 +72,18 @@ def global_mean(accelerator: Accelerator, value: float) -> float:
     return float(accelerator.reduce(tensor, reduction="mean"))
 
 
-def check_checkpointing(accelerator: Accelerator, save_every: int) -> None:
-    """Checkpoints cannot hold sharded (FSDP) state yet: refuse them before any compute."""
-    if accelerator.distributed_type == DistributedType.FSDP and save_every:
-        raise OpdistillError(
-            f"train.save_every={save_every}: checkpoints of FSDP runs are not supported "
-            "yet (set train.save_every: 0; final/ is saved), see docs/scaling.md"
-        )
+def check_checkpointing(
+    accelerator: Accelerator, save_every: int, networks: Mapping[str, torch.nn.Module]
+) -> None:
+    """Refuse, before any compute, checkpoints of a sharded run whose extra networks (a teacher
+    copied from the student) hold sharded parameters: only the student and its optimizer are
+    saved sharded (through accelerate)."""
+    if not (save_every and is_sharded(accelerator)):
+        return
+    for name, network in networks.items():
+        if any(isinstance(p, DTensor) for p in network.parameters()):
+            raise OpdistillError(
+                f"train.save_every={save_every}: the teacher's network {name!r} is a sharded "
+                "copy of the student, which checkpoints cannot hold (set train.save_every: 0; "
+                "final/ is saved), see docs/scaling.md"
+            )
