@@ -1,6 +1,6 @@
 """Training state on disk: written atomically, the newest N kept, torn or unreadable ones skipped.
 
-A checkpoint `step-NNNNNNNN/` holds
+A checkpoint `step-NNNNNNNN/` of a single-process or DDP run holds
 
     model/                       the student (`save_pretrained`; LoRA: its adapters) + tokenizer
     trainer_state.json           {name: state_dict()} of every stateful object (optimizer,
@@ -11,14 +11,32 @@ A checkpoint `step-NNNNNNNN/` holds
     COMPLETE                     written last: the step and the SHA-256 of every other file; a
                                  directory without it is torn and never read
 
-Nothing is unpickled: a checkpoint holding a pickle (`trainer_state.pt`, the old format) is read
-with `torch.load(weights_only=True)`, and one that needs more than tensors and plain data is
-refused. A file whose checksum differs (a bit flip, an edit) makes the checkpoint unreadable: the
-one before it is used, with a warning.
+A sharded run (FSDP, DeepSpeed) cannot gather its optimizer state on one process cheaply, so its
+student, optimizer and schedule go through accelerate instead of `model/`:
 
-It is written as `step-NNNNNNNN.tmp`, flushed to disk, marked complete and renamed into place.
-This module knows nothing of the trainer: it takes a directory, the student, and named objects
-with `state_dict` / `load_state_dict`.
+    accelerate/                  `Accelerator.save_state`, written by every process: under FSDP
+                                 the model and optimizer as torch distributed checkpoints
+                                 (`pytorch_model_fsdp_0/`, `optimizer_0/`: one `__RANK_0.distcp`
+                                 per process + `.metadata`), whatever `fsdp_state_dict_type` the
+                                 launch set; under DeepSpeed its own checkpoint; the schedule
+                                 (`scheduler.bin`) and each process's RNGs (`random_states_R.pkl`)
+    trainer_state.json/.safetensors, NAME.safetensors, COMPLETE   as above, without the optimizer
+                                 and schedule, plus `launch`: the sharding and process count, which
+                                 a resume must match
+
+The other state stays in our JSON rather than accelerate's `register_for_checkpointing`, whose
+`custom_checkpoint_N.pkl` files accelerate reads with `weights_only=False`. Nothing is unpickled
+that needs code: a checkpoint holding a pickle (`trainer_state.pt`, the old format) is read with
+`torch.load(weights_only=True)`, and one that needs more than tensors and plain data is refused;
+accelerate reads its own `torch.save` files with `weights_only=True`, and the pickled parts of
+torch distributed checkpoints are checked without running code before it reads them
+(`opdistill.unpickling`). A file whose checksum differs (a bit flip, an edit) makes the
+checkpoint unreadable: the one before it is used, with a warning.
+
+It is written as `step-NNNNNNNN.tmp`, flushed to disk, marked complete and renamed into place by
+the main process (the shards are written into the staging directory by every process first).
+This module knows nothing of the trainer: it takes a directory, the student (and for a whole run
+the accelerator), and named objects with `state_dict` / `load_state_dict`.
 """
 
 from __future__ import annotations
