@@ -66,3 +66,22 @@ def test_a_torch_save_file_that_runs_code_is_refused(tmp_path):
     with pytest.raises(OpdistillError, match=r"random_states_1\.pkl holds Python objects"):
         check_loadable(tmp_path)
     assert not proof.exists()
+
+
+def test_deepspeed_optimizer_state_is_loadable_and_nothing_more(tmp_path):
+    """DeepSpeed's ZeRO files hold its loss scaler and stage enum: allowed, nothing else is."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients}
+    shards = tmp_path / "pytorch_model"
+    shards.mkdir()
+    optimizer_file = shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": state}, optimizer_file)
+    check_loadable(tmp_path)
+    proof = tmp_path / "code-ran"
+    torch.save({"x": RunsACommand(proof)}, shards / "mp_rank_00_model_states.pt")
+    with pytest.raises(OpdistillError, match=r"model_states\.pt holds Python objects"):
+        check_loadable(tmp_path)
+    assert not proof.exists()

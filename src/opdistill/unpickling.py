@@ -5,12 +5,15 @@ unsharded runs, the RNG states, DeepSpeed's files) and, under FSDP, torch distri
 (DCP): tensors in `.distcp` files plus a pickled `.metadata` index and pickled non-tensor
 values (such as the optimizer's hyper-parameters). `Accelerator.load_state` reads the `torch.save`
 files with `weights_only=True`, but DCP reads its index with `pickle.load` and its non-tensor
-values with `torch.load(weights_only=False)`, either of which can run any code.
+values with `torch.load(weights_only=False)`, either of which can run any code; so does DeepSpeed
+with its own checkpoint files (`*_model_states.pt`, `*_optim_states.pt`).
 
 `check_loadable` reads every such file first without running code: the DCP index through an
 unpickler that only builds DCP's own metadata classes, every non-tensor value and every
-`torch.save` file with `torch.load(weights_only=True)` (plus the NumPy types accelerate's RNG
-states hold). A file that needs more is refused before accelerate touches it.
+`torch.save` file with `torch.load(weights_only=True)`, allowing only the NumPy types
+accelerate's RNG states hold and the three plain classes DeepSpeed's ZeRO optimizer state holds
+(its loss scaler, ZeRO stage enum and fragment address). A file that needs more is refused
+before accelerate or DeepSpeed touches it.
 """
 
 from __future__ import annotations
@@ -90,12 +93,27 @@ def check_dcp(directory: Path) -> None:
             raise _refuse(path, f"holds {key.fqn} as a Python object") from None
 
 
+def deepspeed_globals() -> list[type]:
+    """The classes of DeepSpeed's ZeRO optimizer state (none without DeepSpeed): plain data
+    holders, built from plain fields without calling any other code."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def check_loadable(directory: Path) -> None:
     """Refuse `directory` (an `Accelerator.save_state` output) if any file needs code to load."""
     for index in sorted(directory.rglob(DCP_INDEX)):
         check_dcp(index.parent)
-    for path in sorted(p for p in directory.rglob("*") if p.suffix in PICKLED_SUFFIXES):
+    pickled = sorted(p for p in directory.rglob("*") if p.suffix in PICKLED_SUFFIXES)
+    allowed = deepspeed_globals() if any(p.suffix == ".pt" for p in pickled) else []
+    for path in pickled:
         try:
-            accelerate_load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(allowed):
+                accelerate_load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise _refuse(path, "holds Python objects") from None
