@@ -1,10 +1,13 @@
 """FSDP2 checkpoints (2 CPU processes over gloo): sharded through accelerate, killed, resumed."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +51,15 @@ def run_config(tmp_path, saved_pair, data_file, name):  # noqa: F811
     )
 
 
+def descendants(pid):
+    """The processes started by `pid`, and theirs (the launcher's workers: own sessions)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
 def kill_after_first_checkpoint(tmp_path, config, checkpoints):
     """Start the 2-process run and SIGKILL every process once the first checkpoint is complete."""
     process = subprocess.Popen(
@@ -56,16 +68,21 @@ def kill_after_first_checkpoint(tmp_path, config, checkpoints):
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # the launcher and its workers form one process group
     )
     first = checkpoints / f"step-{SAVE_EVERY:08d}" / COMPLETE
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     finished = process.poll() is not None
-    os.killpg(process.pid, signal.SIGKILL)
+    workers = descendants(process.pid)
+    for pid in [*workers, process.pid]:  # workers first: they would outlive the launcher
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)  # reaped once the launcher is gone
     assert not finished, "the run ended before its first checkpoint was complete"
+    assert len(workers) >= 2
 
 
 @pytest.mark.slow
@@ -105,8 +122,20 @@ def test_fsdp2_checkpoints_are_sharded_and_resume_after_sigkill(tmp_path, saved_
     with pytest.raises(OpdistillError, match="sharded state of 2 FSDP processes"):
         Checkpoints(checkpoints).restore_latest(student, {})
 
+    # A newer checkpoint with a flipped byte in one process's shard is skipped with a warning.
+    newest = complete[-1]
+    flipped = checkpoints / f"step-{int(newest.name[5:]) + 1:08d}"
+    shutil.copytree(newest, flipped)
+    shard = flipped / ACCELERATE_DIR / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+
     result = launch(tmp_path, "-m", "opdistill.cli", "train", str(killed), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{flipped.name} is unreadable (ChecksumMismatch" in result.stderr
+    resumed_from = json.loads((tmp_path / "killed" / "resumes.jsonl").read_text())["step"]
+    assert resumed_from == int(newest.name[5:])  # the newest checkpoint the killed run wrote
     assert [r["step"] for r in train_records(tmp_path / "killed")] == list(range(1, STEPS + 1))
     expected = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "final" / "model.safetensors")
