@@ -51,9 +51,9 @@ class _IndexUnpickler(pickle.Unpickler):
             return _ALLOWED[module, name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        value = getattr(dcp_metadata, name, None)
-        if module == dcp_metadata.__name__ and isinstance(value, type):
-            return value  # dataclasses and enums of plain fields
+        value = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        if isinstance(value, type) and value.__module__ == module:
+            return value  # its own dataclasses and enums of plain fields
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
 
 
