@@ -207,9 +207,20 @@ def test_two_process_on_policy_run_checkpoints_and_resumes(tmp_path, saved_pair,
 def test_launch_without_a_distributed_backend_is_refused(monkeypatch):
     """torchrun without GPUs and without ACCELERATE_USE_CPU: independent copies, refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cpu = DistributedType.MULTI_CPU
     with pytest.raises(OpdistillError, match="ACCELERATE_USE_CPU=1"):
-        _check_launch(SimpleNamespace(num_processes=1))
-    _check_launch(SimpleNamespace(num_processes=2))
+        _check_launch(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    _check_launch(SimpleNamespace(num_processes=2, distributed_type=cpu))
+
+
+def test_deepspeed_launch_on_cpu_processes_is_refused(monkeypatch):
+    """accelerate 1.15 ignores a DeepSpeed config on CPU processes and trains DDP."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(OpdistillError, match="a DeepSpeed launch on CPU processes"):
+        _check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    _check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED))
 
 
 def sharded_state(distributed_type, zero_stage=None, num_processes=2):

@@ -15,13 +15,21 @@ from opdistill.errors import OpdistillError
 
 
 def check_launch(accelerator: Accelerator) -> None:
-    """Refuse a multi-process launch that accelerate would run as independent single processes."""
+    """Refuse a multi-process launch that accelerate would run as independent single processes,
+    and a DeepSpeed launch on CPU processes, which accelerate 1.15 trains as DDP."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise OpdistillError(
             f"launched as {world} processes, but accelerate found no distributed backend and "
             "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
             "see docs/scaling.md"
+        )
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        raise OpdistillError(
+            "a DeepSpeed launch on CPU processes: accelerate would train them as DDP without "
+            "DeepSpeed; on CPUs use DDP or FSDP2 (examples/accelerate/fsdp2_cpu.yaml), see "
+            "docs/scaling.md"
         )
 
 
