@@ -15,6 +15,7 @@ from opdistill.checkpoint import (
     STATE_TENSORS,
     Checkpoints,
     RandomState,
+    check_same_launch,
     checksums,
     from_plain,
     to_plain,
@@ -128,3 +129,13 @@ def test_another_architecture_is_a_one_line_error(tmp_path, model, tokenizer):
     with pytest.raises(OpdistillError, match="does not match the student model") as error:
         Checkpoints(tmp_path).restore_latest(wider, {})
     assert "\n" not in str(error.value)
+
+
+def test_a_sharded_checkpoint_resumes_only_in_the_launch_that_wrote_it(tmp_path):
+    fsdp2 = {"distributed_type": "FSDP", "num_processes": 2}
+    check_same_launch(tmp_path, fsdp2, dict(fsdp2))
+    check_same_launch(tmp_path, None, None)
+    with pytest.raises(OpdistillError, match="2 FSDP processes and this launch needs the sharded "):
+        check_same_launch(tmp_path, fsdp2, {**fsdp2, "num_processes": 4})
+    with pytest.raises(OpdistillError, match=r"holds unsharded state .* needs the sharded state"):
+        check_same_launch(tmp_path, None, fsdp2)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from opdistill.checkpoint import Checkpoints
 from opdistill.cli import main
+from opdistill.distributed import check_checkpointing
 from opdistill.distributed import check_launch as _check_launch
 from opdistill.errors import OpdistillError
 from opdistill.models.loading import load_model, tiny_llama
@@ -206,9 +207,20 @@ def test_two_process_on_policy_run_checkpoints_and_resumes(tmp_path, saved_pair,
 def test_launch_without_a_distributed_backend_is_refused(monkeypatch):
     """torchrun without GPUs and without ACCELERATE_USE_CPU: independent copies, refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cpu = DistributedType.MULTI_CPU
     with pytest.raises(OpdistillError, match="ACCELERATE_USE_CPU=1"):
-        _check_launch(SimpleNamespace(num_processes=1))
-    _check_launch(SimpleNamespace(num_processes=2))
+        _check_launch(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    _check_launch(SimpleNamespace(num_processes=2, distributed_type=cpu))
+
+
+def test_deepspeed_launch_on_cpu_processes_is_refused(monkeypatch):
+    """accelerate 1.15 ignores a DeepSpeed config on CPU processes and trains DDP."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(OpdistillError, match="a DeepSpeed launch on CPU processes"):
+        _check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    _check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED))
 
 
 def sharded_state(distributed_type, zero_stage=None, num_processes=2):
@@ -279,3 +291,26 @@ def test_teacher_mixed_rollout_keeps_stepping_until_every_process_is_done(
     assert len(forwards) == 4
     assert batch.response_ids.tolist() == [[eos], [eos]]
     assert batch.response_mask.tolist() == [[1], [1]]
+
+
+def test_checkpoints_of_a_sharded_copy_of_the_student_are_refused(tmp_path):
+    """A teacher network that copied the sharded student (DTensor parameters) cannot be saved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    plain = torch.nn.Linear(2, 2)
+    check_checkpointing(fsdp, 1, {"ema": plain})
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Linear(2, 2)
+        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight, mesh, [Shard(0)]))
+        with pytest.raises(OpdistillError, match="network 'ema' is a sharded copy"):
+            check_checkpointing(fsdp, 1, {"ema": sharded})
+        check_checkpointing(fsdp, 0, {"ema": sharded})  # no checkpoints: nothing to refuse
+        ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+        check_checkpointing(ddp, 1, {"ema": sharded})
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 """Training state on disk: written atomically, the newest N kept, torn or unreadable ones skipped.
 
-A checkpoint `step-NNNNNNNN/` holds
+A checkpoint `step-NNNNNNNN/` of a single-process or DDP run holds
 
     model/                       the student (`save_pretrained`; LoRA: its adapters) + tokenizer
     trainer_state.json           {name: state_dict()} of every stateful object (optimizer,
@@ -11,14 +11,32 @@ A checkpoint `step-NNNNNNNN/` holds
     COMPLETE                     written last: the step and the SHA-256 of every other file; a
                                  directory without it is torn and never read
 
-Nothing is unpickled: a checkpoint holding a pickle (`trainer_state.pt`, the old format) is read
-with `torch.load(weights_only=True)`, and one that needs more than tensors and plain data is
-refused. A file whose checksum differs (a bit flip, an edit) makes the checkpoint unreadable: the
-one before it is used, with a warning.
+A sharded run (FSDP, DeepSpeed) cannot gather its optimizer state on one process cheaply, so its
+student, optimizer and schedule go through accelerate instead of `model/`:
 
-It is written as `step-NNNNNNNN.tmp`, flushed to disk, marked complete and renamed into place.
-This module knows nothing of the trainer: it takes a directory, the student, and named objects
-with `state_dict` / `load_state_dict`.
+    accelerate/                  `Accelerator.save_state`, written by every process: under FSDP
+                                 the model and optimizer as torch distributed checkpoints
+                                 (`pytorch_model_fsdp_0/`, `optimizer_0/`: one `__RANK_0.distcp`
+                                 per process + `.metadata`), whatever `fsdp_state_dict_type` the
+                                 launch set; under DeepSpeed its own checkpoint; the schedule
+                                 (`scheduler.bin`) and each process's RNGs (`random_states_R.pkl`)
+    trainer_state.json/.safetensors, NAME.safetensors, COMPLETE   as above, without the optimizer
+                                 and schedule, plus `launch`: the sharding and process count, which
+                                 a resume must match
+
+The other state stays in our JSON rather than accelerate's `register_for_checkpointing`, whose
+`custom_checkpoint_N.pkl` files accelerate reads with `weights_only=False`. Nothing is unpickled
+that needs code: a checkpoint holding a pickle (`trainer_state.pt`, the old format) is read with
+`torch.load(weights_only=True)`, and one that needs more than tensors and plain data is refused;
+accelerate reads its own `torch.save` files with `weights_only=True`, and the pickled parts of
+torch distributed checkpoints are checked without running code before it reads them
+(`opdistill.unpickling`). A file whose checksum differs (a bit flip, an edit) makes the
+checkpoint unreadable: the one before it is used, with a warning.
+
+It is written as `step-NNNNNNNN.tmp`, flushed to disk, marked complete and renamed into place by
+the main process (the shards are written into the staging directory by every process first).
+This module knows nothing of the trainer: it takes a directory, the student (and for a whole run
+the accelerator), and named objects with `state_dict` / `load_state_dict`.
 """
 
 from __future__ import annotations
@@ -29,27 +47,34 @@ import pickle
 import random
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opdistill.distributed import is_sharded
 from opdistill.errors import OpdistillError
 from opdistill.files import fsync_tree
 from opdistill.models.lora import is_lora, load_adapter_weights, save_merged, weights_file
+from opdistill.unpickling import check_loadable
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 PICKLED_STATE_FILE = "trainer_state.pt"  # the old format: read with weights_only=True only
 MODEL_DIR = "model"
+ACCELERATE_DIR = "accelerate"  # sharded runs: `Accelerator.save_state` (model, optimizer, ...)
+LAUNCH = "launch"  # sharded runs: the sharding and process count that wrote the checkpoint
+T = TypeVar("T")
 
 
 class Stateful(Protocol):
@@ -169,6 +194,9 @@ class Checkpoints:
         self.directory = Path(directory)
         self.keep = keep
 
+    def path(self, step: int) -> Path:
+        return self.directory / f"step-{step:08d}"
+
     def save(
         self,
         step: int,
@@ -177,20 +205,57 @@ class Checkpoints:
         state: Mapping[str, Stateful],
         networks: Mapping[str, torch.nn.Module] | None = None,
     ) -> Path:
-        """Write the checkpoint of `step` (call on one process only)."""
-        final = self.directory / f"step-{step:08d}"
-        staging = final.with_name(final.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        """Write the unsharded checkpoint of `step` (call on one process only)."""
+        final, staging = self._stage(step)
         model.save_pretrained(staging / MODEL_DIR)
         tokenizer.save_pretrained(staging / MODEL_DIR)
-        tensors: dict[str, torch.Tensor] = {}
-        plain = to_plain(
-            {"step": step, **{name: obj.state_dict() for name, obj in state.items()}}, tensors
-        )
-        (staging / STATE_FILE).write_text(json.dumps(plain))
-        save_file(tensors, str(staging / STATE_TENSORS))
-        for name, network in (networks or {}).items():
-            save_model(network, str(staging / f"{name}.safetensors"))
+        write_state(staging, step, state, networks)
+        self._seal(step, staging, final)
+        return final
+
+    def save_run(
+        self,
+        accelerator: Accelerator,
+        step: int,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        state: Mapping[str, Stateful],
+        networks: Mapping[str, torch.nn.Module] | None = None,
+    ) -> Path:
+        """Every process: the checkpoint of `step` of the prepared `model`, written by the main
+        process (unsharded) or by every process through `Accelerator.save_state` (sharded)."""
+        accelerator.wait_for_everyone()
+        for obj in state.values():
+            if isinstance(obj, RandomState):
+                obj.gather()  # every process's RNG state, on every process
+        if not is_sharded(accelerator):
+            if accelerator.is_main_process:
+                self.save(step, accelerator.unwrap_model(model), tokenizer, state, networks)
+            accelerator.wait_for_everyone()
+            return self.path(step)
+        final, staging = self._stage(step, create=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        with sharded_state_dicts(accelerator):  # model and optimizer: one shard per process
+            accelerator.save_state(str(staging / ACCELERATE_DIR))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            own = {name: obj for name, obj in state.items() if not is_prepared(obj)}
+            write_state(staging, step, own, networks, launch_of(accelerator))
+            self._seal(step, staging, final)
+        accelerator.wait_for_everyone()
+        return self.path(step)
+
+    def _stage(self, step: int, create: bool = True) -> tuple[Path, Path]:
+        """The checkpoint of `step` and its staging directory (created empty by one process)."""
+        final = self.path(step)
+        staging = final.with_name(final.name + ".tmp")
+        if create:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        return final, staging
+
+    def _seal(self, step: int, staging: Path, final: Path) -> None:
+        """Flush, mark complete with every file's checksum, rename into place, drop old ones."""
         fsync_tree(staging)  # contents on disk before the marker makes them visible
         marker = {"step": step, "sha256": checksums(staging)}
         (staging / COMPLETE).write_text(json.dumps(marker, indent=1))
@@ -200,7 +265,6 @@ class Checkpoints:
         fsync_tree(self.directory, recursive=False)
         for old in self.complete()[: -self.keep] if self.keep else []:
             shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def complete(self) -> list[Path]:
         """Checkpoints whose writing finished, oldest first (a torn one has no marker)."""
@@ -218,38 +282,161 @@ class Checkpoints:
         state: Mapping[str, Stateful],
         networks: Mapping[str, torch.nn.Module] | None = None,
     ) -> tuple[Path, int] | None:
-        """Restore the newest readable checkpoint into the given objects; None when there is none.
+        """Restore the newest readable unsharded checkpoint into the given objects; None when
+        there is none.
 
         A checkpoint whose files cannot be read (truncated, corrupted, a checksum that differs)
-        is skipped with a warning in favour of the one before it; one that needs unpickling is
-        refused. Returns the checkpoint and its step.
+        is skipped with a warning in favour of the one before it; one that needs unpickling, or
+        one of a sharded run, is refused. Returns the checkpoint and its step.
         """
         networks = networks or {}
+
+        def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+            saved = read_state(path)
+            check_same_launch(path, saved.get(LAUNCH), None)
+            weights = load_file(str(path / MODEL_DIR / weights_file(model)))
+            copies = {name: load_file(str(path / f"{name}.safetensors")) for name in networks}
+            return saved, weights, copies
+
+        found = self._newest_readable(read)
+        if found is None:
+            return None
+        path, (saved, weights, copies) = found
+        if is_lora(model):
+            load_adapter_weights(model, weights, path)
+        else:
+            load_weights(model, weights, path)
+        for name, network in networks.items():
+            load_weights(network, copies[name], path)
+        for name, obj in state.items():
+            obj.load_state_dict(saved[name])
+        return path, int(saved["step"])
+
+    def restore_run(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        state: Mapping[str, Stateful],
+        networks: Mapping[str, torch.nn.Module] | None = None,
+    ) -> tuple[Path, int] | None:
+        """Every process: restore the newest readable checkpoint into the prepared `model` and
+        the given objects (sharded: through `Accelerator.load_state`); see `restore_latest`."""
+        if not is_sharded(accelerator):
+            return self.restore_latest(accelerator.unwrap_model(model), state, networks)
+        networks = networks or {}
+        launch = launch_of(accelerator)
+
+        def read(path: Path) -> None:
+            check_same_launch(path, read_state(path).get(LAUNCH), launch)
+            check_loadable(path / ACCELERATE_DIR)
+            for name in networks:
+                load_file(str(path / f"{name}.safetensors"))
+
+        chosen: list[tuple[str | None, str | None]] = [(None, None)]
+        if accelerator.is_main_process:  # checks the files once; every process reads the choice
+            try:
+                found = self._newest_readable(read)
+                chosen = [(str(found[0]) if found else None, None)]
+            except OpdistillError as error:
+                chosen = [(None, str(error))]
+        (name, error), *_ = broadcast_object_list(chosen)
+        if error is not None:
+            raise OpdistillError(error)
+        if name is None:
+            return None
+        path = Path(name)
+        with sharded_state_dicts(accelerator):
+            accelerator.load_state(str(path / ACCELERATE_DIR))
+        saved = read_state(path)
+        for network_name, network in networks.items():
+            load_weights(network, load_file(str(path / f"{network_name}.safetensors")), path)
+        for state_name, obj in state.items():
+            if not is_prepared(obj):
+                obj.load_state_dict(saved[state_name])
+        return path, int(saved["step"])
+
+    def _newest_readable(self, read: Callable[[Path], T]) -> tuple[Path, T] | None:
+        """The newest complete checkpoint whose checksums match and that `read` reads, with what
+        it read; an unreadable one is skipped with a warning, an `OpdistillError` raised."""
         for path in reversed(self.complete()):
             try:
                 verify_checksums(path)
-                weights = load_file(str(path / MODEL_DIR / weights_file(model)))
-                saved = read_state(path)
-                copies = {name: load_file(str(path / f"{name}.safetensors")) for name in networks}
+                return path, read(path)
             except OpdistillError:
                 raise
             except Exception as error:  # any unreadable file: fall back to an older checkpoint
                 warnings.warn(
                     f"checkpoint {path} is unreadable ({type(error).__name__}: "
                     f"{str(error)[:80]}); trying the one before it",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                continue
-            if is_lora(model):
-                load_adapter_weights(model, weights, path)
-            else:
-                load_weights(model, weights, path)
-            for name, network in networks.items():
-                load_weights(network, copies[name], path)
-            for name, obj in state.items():
-                obj.load_state_dict(saved[name])
-            return path, int(saved["step"])
         return None
+
+
+def is_prepared(obj: object) -> bool:
+    """Whether `obj` is an optimizer or schedule prepared by accelerate (which saves it)."""
+    return isinstance(obj, AcceleratedOptimizer | AcceleratedScheduler)
+
+
+def launch_of(accelerator: Accelerator) -> dict[str, Any]:
+    """What a sharded checkpoint needs to be restored: the sharding and the process count."""
+    return {
+        "distributed_type": accelerator.distributed_type.value,
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def check_same_launch(
+    path: Path, saved: Mapping[str, Any] | None, launch: Mapping[str, Any] | None
+) -> None:
+    """Refuse to resume a sharded checkpoint in another launch, or an unsharded one sharded."""
+    if saved == launch:
+        return
+
+    def describe(launch: Mapping[str, Any] | None) -> str:
+        if launch is None:
+            return "unsharded state (one process or DDP)"
+        processes, sharding = launch["num_processes"], launch["distributed_type"]
+        return f"the sharded state of {processes} {sharding} processes"
+
+    raise OpdistillError(
+        f"--resume: checkpoint {path} holds {describe(saved)} and this launch needs "
+        f"{describe(launch)}; resume with the launch that wrote it, see docs/scaling.md"
+    )
+
+
+@contextmanager
+def sharded_state_dicts(accelerator: Accelerator) -> Iterator[None]:
+    """Within the block accelerate saves and loads FSDP state sharded (torch distributed
+    checkpoint, one file per process), whatever `fsdp_state_dict_type` the launch set."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    plugin = accelerator.state.fsdp_plugin
+    kept = plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("SHARDED_STATE_DICT")
+    try:
+        yield
+    finally:
+        plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = kept
+
+
+def write_state(
+    directory: Path,
+    step: int,
+    state: Mapping[str, Stateful],
+    networks: Mapping[str, torch.nn.Module] | None = None,
+    launch: Mapping[str, Any] | None = None,
+) -> None:
+    """The objects' states as JSON + safetensors, and each network's weights, in `directory`."""
+    tensors: dict[str, torch.Tensor] = {}
+    states = {name: obj.state_dict() for name, obj in state.items()}
+    plain = to_plain({"step": step, **({LAUNCH: launch} if launch else {}), **states}, tensors)
+    (directory / STATE_FILE).write_text(json.dumps(plain))
+    save_file(tensors, str(directory / STATE_TENSORS))
+    for name, network in (networks or {}).items():
+        save_model(network, str(directory / f"{name}.safetensors"))
 
 
 def checksums(directory: Path) -> dict[str, str]:

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor
 
 from opdistill.errors import OpdistillError
 
 
 def check_launch(accelerator: Accelerator) -> None:
-    """Refuse a multi-process launch that accelerate would run as independent single processes."""
+    """Refuse a multi-process launch that accelerate would run as independent single processes,
+    and a DeepSpeed launch on CPU processes, which accelerate 1.15 trains as DDP."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise OpdistillError(
             f"launched as {world} processes, but accelerate found no distributed backend and "
             "would train them independently; without GPUs set ACCELERATE_USE_CPU=1 (gloo), "
             "see docs/scaling.md"
+        )
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        raise OpdistillError(
+            "a DeepSpeed launch on CPU processes: accelerate would train them as DDP without "
+            "DeepSpeed; on CPUs use DDP or FSDP2 (examples/accelerate/fsdp2_cpu.yaml), see "
+            "docs/scaling.md"
         )
 
 
@@ -70,10 +80,18 @@ def global_mean(accelerator: Accelerator, value: float) -> float:
     return float(accelerator.reduce(tensor, reduction="mean"))
 
 
-def check_checkpointing(accelerator: Accelerator, save_every: int) -> None:
-    """Checkpoints cannot hold sharded (FSDP) state yet: refuse them before any compute."""
-    if accelerator.distributed_type == DistributedType.FSDP and save_every:
-        raise OpdistillError(
-            f"train.save_every={save_every}: checkpoints of FSDP runs are not supported "
-            "yet (set train.save_every: 0; final/ is saved), see docs/scaling.md"
-        )
+def check_checkpointing(
+    accelerator: Accelerator, save_every: int, networks: Mapping[str, torch.nn.Module]
+) -> None:
+    """Refuse, before any compute, checkpoints of a sharded run whose extra networks (a teacher
+    copied from the student) hold sharded parameters: only the student and its optimizer are
+    saved sharded (through accelerate)."""
+    if not (save_every and is_sharded(accelerator)):
+        return
+    for name, network in networks.items():
+        if any(isinstance(p, DTensor) for p in network.parameters()):
+            raise OpdistillError(
+                f"train.save_every={save_every}: the teacher's network {name!r} is a sharded "
+                "copy of the student, which checkpoints cannot hold (set train.save_every: 0; "
+                "final/ is saved), see docs/scaling.md"
+            )

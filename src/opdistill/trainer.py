@@ -188,7 +188,7 @@ class Trainer:
         sharded = is_sharded(self.accelerator)
         self.output_chunkable = not sharded and projectable_head(unwrapped) is not None
 
-        check_checkpointing(self.accelerator, tc.save_every)
+        check_checkpointing(self.accelerator, tc.save_every, self._networks())
 
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", tc.keep_checkpoints)
@@ -458,27 +458,22 @@ class Trainer:
         return self.teacher.networks() if self.teacher is not None else {}
 
     def save_checkpoint(self) -> Path:
-        """The training state after this step, written atomically (see `opdistill.checkpoint`)."""
-        self.accelerator.wait_for_everyone()
-        self.random_state.gather()  # every process's RNG state, on every process
-        if self.accelerator.is_main_process:
-            path = self.checkpoints.save(
-                self.step_count,
-                self.accelerator.unwrap_model(self.student),
-                self.tokenizer,
-                self._stateful(),
-                self._networks(),
-            )
-        else:
-            path = self.checkpoints.directory / f"step-{self.step_count:08d}"
-        self.accelerator.wait_for_everyone()
-        return path
+        """The training state after this step, written atomically; every process calls this
+        (sharded runs save through accelerate, see `opdistill.checkpoint`)."""
+        return self.checkpoints.save_run(
+            self.accelerator,
+            self.step_count,
+            self.student,
+            self.tokenizer,
+            self._stateful(),
+            self._networks(),
+        )
 
     def load_latest_checkpoint(self) -> Path | None:
         """Restore the newest readable checkpoint (an unreadable one is skipped with a warning);
         start fresh when there is none."""
-        restored = self.checkpoints.restore_latest(
-            self.accelerator.unwrap_model(self.student), self._stateful(), self._networks()
+        restored = self.checkpoints.restore_run(
+            self.accelerator, self.student, self._stateful(), self._networks()
         )
         if restored is None:
             return None
