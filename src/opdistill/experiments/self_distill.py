@@ -135,7 +135,7 @@ def remedies(settings: SelfDistillSettings) -> dict[str, FrontierPoint]:
         points[f"tempered tilt α={alpha}, sampled demo"] = FrontierPoint(
             "tempered tilt (sampled demo)", alpha, _self_distill(**sampled, context_strength=alpha)
         )
-    for weight in (0.3, 1.0):
+    for weight in (0.3, 0.5, 1.0):
         points[f"FKL anchor w={weight}, sampled demo"] = FrontierPoint(
             "FKL anchor to base (sampled demo)",
             weight,
@@ -147,25 +147,12 @@ def remedies(settings: SelfDistillSettings) -> dict[str, FrontierPoint]:
             decay,
             _self_distill(**{**balanced, "demo_model": "ema"}, demo_ema_decay=decay),
         )
-    for alpha in (1.0, 2.0, 3.0):
+    for alpha in (1.0, 2.0):
         points[f"balanced demos α={alpha}"] = FrontierPoint(
             "balanced demos (initial, uniform), tilt α",
             alpha,
             _self_distill(**balanced, context_strength=alpha),
         )
-    points["balanced demos α=2 + FKL anchor w=0.3"] = FrontierPoint(
-        "balanced demos α=2 + FKL anchor",
-        0.3,
-        _self_distill(**balanced, context_strength=2.0, anchor_weight=0.3),
-    )
-    points["balanced demos α=2 + verifier reward"] = FrontierPoint(
-        "balanced demos α=2 + reward",
-        0.5,
-        merge_options(
-            _self_distill(**balanced, context_strength=2.0),
-            {"reward": {"distill_weight": 0.5, "group_size": 4}},
-        ),
-    )
     return points
 
 
