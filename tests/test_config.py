@@ -333,12 +333,12 @@ def test_the_diverse_preset_fills_only_the_keys_not_given(tmp_path):
     given = SELF_DISTILL + "self_distill: {enabled: true, preset: diverse, demo_attempts: 3}"
     config = load_config(write(tmp_path, given))
     assert config.self_distill.demo_attempts == 3
-    assert config.self_distill.context_strength == preset["context_strength"]
+    assert config.self_distill.anchor_weight == preset["anchor_weight"] > 0
     override = load_config(
         write(tmp_path, SELF_DISTILL + "self_distill: {enabled: true, preset: diverse}"),
-        ["self_distill.context_strength=1.0"],
+        ["self_distill.anchor_weight=0.25"],
     )
-    assert override.self_distill.context_strength == 1.0
+    assert override.self_distill.anchor_weight == 0.25
 
 
 @pytest.mark.parametrize(

@@ -448,12 +448,14 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 # `self_distill.preset`: keys filled in where the config does not give them
 # (docs/self-distillation.md, "Keeping diversity", explains the choice).
 SELF_DISTILL_PRESETS: dict[str, dict[str, Any]] = {
-    "diverse": {
+    "diverse": {  # sampled demonstrations + a mass-covering anchor to the initial model
         "context": "demonstration",
-        "demo_model": "initial",
-        "demo_selection": "uniform",
-        "demo_attempts": 8,
-        "context_strength": 2.0,
+        "demo_model": "current",
+        "demo_selection": "probability",
+        "demo_attempts": 4,
+        "context_strength": 1.0,
+        "anchor_weight": 0.5,
+        "anchor_kind": "forward_kl",
     },
 }
 

@@ -135,7 +135,7 @@ def remedies(settings: SelfDistillSettings) -> dict[str, FrontierPoint]:
         points[f"tempered tilt α={alpha}, sampled demo"] = FrontierPoint(
             "tempered tilt (sampled demo)", alpha, _self_distill(**sampled, context_strength=alpha)
         )
-    for weight in (0.3, 0.5, 1.0):
+    for weight in (0.3, 0.4, 0.5, 1.0):
         points[f"FKL anchor w={weight}, sampled demo"] = FrontierPoint(
             "FKL anchor to base (sampled demo)",
             weight,

@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters)",
         flush=True,
     )
-    if wanted or args.prepare_only:  # the student methods run (not only the 135M's own)
+    if wanted:  # the student methods run (not only the 135M model's own)
         student, timing["student_warmup"] = warmed_up(
             args,
             f"student-{args.student_layers}L",
