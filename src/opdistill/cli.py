@@ -103,7 +103,14 @@ def _eval(args: argparse.Namespace) -> None:
     if fit.too_long:
         print(f"opdistill: {fit.summary('eval')}", file=sys.stderr)
     examples = fit.examples
-    metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
+    rollout = None
+    if ec.backend == "vllm":  # an engine on the model, or the server at rollout.server
+        from opdistill.rollout import vllm_rollout
+
+        rollout = vllm_rollout(config, model, tokenizer)
+    metrics = evaluate_with_config(
+        model, tokenizer, task, examples, ec, teacher, seed=dc.seed, rollout=rollout
+    )
     text = json.dumps(metrics, indent=2)
     print(text)  # first: the metrics are not lost if the file cannot be written after all
     if args.output:

@@ -137,6 +137,11 @@ class Trainer:
         self.student_sampler, self.teacher_sampler = build_samplers(
             config, unwrapped, teacher_model, tokenizer, record
         )
+        if config.eval.backend == "vllm" and config.rollout.backend != "vllm":
+            raise OpdistillError(
+                "eval.backend=vllm samples with the student's vLLM engine during training: "
+                "set rollout.backend=vllm (or eval.backend=hf)"
+            )
         self.pipeline = None  # train.max_staleness >= 1: rollouts sampled ahead by a worker
         if tc.max_staleness:
             self.pipeline = build_pipeline(
@@ -386,6 +391,11 @@ class Trainer:
         if not self.eval_examples:
             return {}
         reports = self.teacher is not None and self.teacher.reports_distance
+        rollout = None
+        if self.config.eval.backend == "vllm":  # the engine already holds the current weights
+            if self.pipeline is not None:
+                self.pipeline.drain()  # the worker, done with its requests, leaves it free
+            rollout = self.student_sampler
         result = evaluate_with_config(
             self.accelerator.unwrap_model(self.student),
             self.tokenizer,
@@ -394,6 +404,7 @@ class Trainer:
             self.config.eval,
             teacher=self.teacher if reports else None,
             seed=self.config.data.seed,
+            rollout=rollout,
         )
         shown = self.eval_examples[: self.config.eval.num_prompts]
         correct = result.greedy_correct
