@@ -83,7 +83,7 @@ class VLLMServerRollout:
         else:  # the server reads it only when it runs on this machine
             self._temporary = tempfile.TemporaryDirectory(prefix="opdistill-vllm-server-")
             self.directory = Path(self._temporary.name)
-        self.client = httpx.Client(base_url=self.url, timeout=self.timeout)
+        self.client = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, "opdistill-vllm-requests")
         try:
             self.base_model = self._served_model()
