@@ -6,6 +6,7 @@ import json
 import httpx
 import pytest
 import torch
+from tests.vllm_server import vllm_server
 
 from opdistill.batch import batch_logits
 from opdistill.config import LossConfig, ModelConfig
@@ -14,7 +15,6 @@ from opdistill.models.loading import tiny_llama
 from opdistill.rollout import HFGenerateRollout
 from opdistill.teachers import check_answers, open_teacher, topk_from_logits
 from opdistill.teachers.vllm_server import VLLMServedTeacher
-from tests.vllm_server import vllm_server
 
 
 def fake_vllm(model, tokenizer, max_logprobs=20, requests=None, fail_first=0):
