@@ -286,10 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--suite",
-        choices=["default", "objectives", "self-distill", "multi-teacher", "cross-tokenizer"],
+        choices=[
+            "default",
+            "objectives",
+            "engines",
+            "self-distill",
+            "multi-teacher",
+            "cross-tokenizer",
+        ],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
-        "objective on the graph and arithmetic tasks; self-distill: self-distillation's "
+        "objective on the graph and arithmetic tasks; engines: on-policy GKD sampled by "
+        "transformers, by vLLM and pipelined one step stale (from .venv-vllm); self-distill: "
+        "self-distillation's "
         "diversity cost against RL and GKD, in and out of distribution; multi-teacher: one "
         "student from a graph and an arithmetic teacher at once; cross-tokenizer: a "
         "character-level teacher into a word-level student",

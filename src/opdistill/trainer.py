@@ -386,6 +386,16 @@ class Trainer:
         self.run_log.close()
         return final
 
+    def close(self) -> None:
+        """Stop the rollout worker and release the student's engine (a vLLM engine's memory, a
+        server connection); the trainer cannot sample afterwards."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+        close = getattr(self.student_sampler, "close", None)
+        if close is not None:
+            close()
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current student (every process computes the same; main logs)."""
         if not self.eval_examples:

@@ -18,6 +18,7 @@ so runs are reproducible and resume exactly like the transformers backend.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -137,6 +138,15 @@ class VLLMRollout:
         self.engine = vllm.LLM(**options)
         if self.lora is not None:
             self.load_state(self.lora.state_dict())
+
+    def close(self) -> None:
+        """Stop the engine and free its memory (KV cache, weights) and temporary files."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.llm_engine.engine_core.shutdown()
+            del self.engine
+            gc.collect()
+        self._directory.cleanup()
 
     def load_weights(self, student: PreTrainedModel) -> None:
         """Push the student's current weights (a LoRA student: its adapter) into the engine,
