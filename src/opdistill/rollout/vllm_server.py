@@ -101,8 +101,11 @@ class VLLMServerRollout:
         return f"the vLLM server at {self.url}"
 
     def close(self) -> None:
+        """Close the connection; the server keeps running."""
         self._pool.shutdown(wait=False)
         self.client.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
 
     # ------------------------------------------------------------------------- requests
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -223,8 +226,10 @@ class VLLMServerRollout:
         if not tokens:
             return
         device = next(student.parameters()).device
+        training = student.training
         with torch.no_grad():
-            logits = student(torch.tensor([prompt + tokens], device=device)).logits[0]
+            logits = student.eval()(torch.tensor([prompt + tokens], device=device)).logits[0]
+        student.train(training)
         logits = logits[len(prompt) - 1 : -1, : self.vocab].float().cpu()
         ids = torch.tensor(tokens).unsqueeze(-1)
         processed = torch.log_softmax(logits / PROBE_TEMPERATURE, -1).gather(-1, ids)[:, 0]
