@@ -128,6 +128,11 @@ class Trainer:
         self.teacher_answer = teacher_answer(config)
         check_teacher(config, self.teacher, self.teacher_answer)
 
+        if config.eval.backend == "vllm" and config.rollout.backend != "vllm":
+            raise OpdistillError(
+                "eval.backend=vllm samples with the student's vLLM engine during training: "
+                "set rollout.backend=vllm (or eval.backend=hf)"
+            )
         # Samplers: the student (or MiniLLM's teacher–student mixture), and the teacher. Sampler
         # log-probs feed the importance ratio / PPO clip and the replay buffer only.
         adaptive = tc.adaptive_source
@@ -137,11 +142,6 @@ class Trainer:
         self.student_sampler, self.teacher_sampler = build_samplers(
             config, unwrapped, teacher_model, tokenizer, record
         )
-        if config.eval.backend == "vllm" and config.rollout.backend != "vllm":
-            raise OpdistillError(
-                "eval.backend=vllm samples with the student's vLLM engine during training: "
-                "set rollout.backend=vllm (or eval.backend=hf)"
-            )
         self.pipeline = None  # train.max_staleness >= 1: rollouts sampled ahead by a worker
         if tc.max_staleness:
             self.pipeline = build_pipeline(
