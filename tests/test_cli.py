@@ -244,7 +244,7 @@ def test_eval_command_samples_with_vllm(tmp_path, saved_pair, tokenizer, monkeyp
     result = tmp_path / "eval.json"
     arguments = ["eval", str(path), "--model", str(model_dir), "--no-teacher"]
     arguments += ["--set", "eval.backend=vllm", "--set", "rollout.vllm_enforce_eager=true"]
-    arguments += ["--set", "rollout.vllm_gpu_memory_utilization=0.2", "--output", str(result)]
+    arguments += ["--set", "rollout.vllm_kv_cache_gib=0.25", "--output", str(result)]
     assert main(arguments) == 0
     assert {"accuracy", "pass@1", "pass@2"} <= set(json.loads(result.read_text()))
     assert rows == [4, 8]  # 4 prompts greedy, then 2 samples each

@@ -146,6 +146,7 @@ def test_overrides_apply_after_the_file(tmp_path):
             r"rollout\.server='h:8000' must start with http:// or https://",
         ),
         (BASE + "rollout: {server_timeout: 0}", r"rollout\.server_timeout must be > 0"),
+        (BASE + "rollout: {vllm_kv_cache_gib: -1}", r"rollout\.vllm_kv_cache_gib must be >= 0"),
         (BASE + "train: {max_new_tokens: -3}", r"train\.max_new_tokens must be >= 1"),
         (BASE + "train: {steps: -1}", r"train\.steps must be >= 0"),
         (BASE + "train: {batch_size: 0}", r"train\.batch_size must be >= 1"),

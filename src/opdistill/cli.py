@@ -111,6 +111,8 @@ def _eval(args: argparse.Namespace) -> None:
     metrics = evaluate_with_config(
         model, tokenizer, task, examples, ec, teacher, seed=dc.seed, rollout=rollout
     )
+    if rollout is not None:
+        rollout.close()  # the engine's memory, or the server connection
     text = json.dumps(metrics, indent=2)
     print(text)  # first: the metrics are not lost if the file cannot be written after all
     if args.output:

@@ -262,7 +262,9 @@ class RolloutConfig:
         the vLLM server at `server`; the student's weights, or a LoRA student's adapter, are
         pushed into it after every optimizer step).
     vllm_gpu_memory_utilization / vllm_max_model_len / vllm_enforce_eager: passed to `vllm.LLM`
-        (eager mode skips the engine's compile warm-up: faster start, slower decoding).
+        (eager mode skips the engine's compile warm-up: faster start, slower decoding);
+        `vllm_kv_cache_gib` > 0 sets the KV cache's size instead (`kv_cache_memory_bytes`: on CPU
+        the share of RAM is counted against the whole process's resident memory).
     server: `http://HOST:PORT` of a vLLM OpenAI-compatible server started separately ("" = an
         engine in this process); `server_dir`: where the pushed weights are written, a directory
         the server reads under the same path ("" = a temporary directory: the same machine);
@@ -274,6 +276,7 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.5
     vllm_max_model_len: int = 0  # 0: the model's own
     vllm_enforce_eager: bool = False
+    vllm_kv_cache_gib: float = 0.0  # 0: from vllm_gpu_memory_utilization
     server: str = ""
     server_dir: str = ""
     server_timeout: float = 600.0
@@ -908,6 +911,10 @@ def _validate_rollout(config: Config) -> None:
         raise OpdistillError("rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     if rc.vllm_max_model_len < 0:
         raise OpdistillError("rollout.vllm_max_model_len must be >= 0 (0: the model's own)")
+    if rc.vllm_kv_cache_gib < 0:
+        raise OpdistillError(
+            "rollout.vllm_kv_cache_gib must be >= 0 (0: from rollout.vllm_gpu_memory_utilization)"
+        )
     if rc.server and rc.backend != "vllm":
         raise OpdistillError(
             f"rollout.server={rc.server!r} is a vLLM server: set rollout.backend=vllm"

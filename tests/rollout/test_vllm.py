@@ -37,9 +37,7 @@ def test_engine_follows_the_trained_student(tmp_path, tokenizer, graph_task):
     afterwards the engine scores a fixed sequence exactly as the trained student does."""
     config = make_config(tmp_path, steps=3, temperature=0.7, lr=5e-2)
     config.loss = LossConfig(kind="sampled_token")
-    config.rollout = RolloutConfig(
-        backend="vllm", vllm_enforce_eager=True, vllm_gpu_memory_utilization=0.2
-    )
+    config.rollout = RolloutConfig(backend="vllm", vllm_enforce_eager=True, vllm_kv_cache_gib=0.25)
     teacher = tiny_llama(tokenizer, hidden_size=64, num_layers=1, num_heads=2, seed=1)
     student = tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=2)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
@@ -62,6 +60,7 @@ def test_engine_follows_the_trained_student(tmp_path, tokenizer, graph_task):
     assert int(batch.response_ids.max()) < len(tokenizer)
     for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
         assert tokenizer.eos_token_id not in ids[mask.bool()].tolist()[:-1]
+    trainer.close()
 
 
 def student_logprobs(student, prompt, response):
@@ -82,9 +81,7 @@ def test_engine_follows_a_trained_lora_student_and_evaluates(tmp_path, tokenizer
     config = make_config(tmp_path, steps=3, temperature=0.7, lr=5e-2)
     config.loss = LossConfig(kind="sampled_token")
     config.model.lora = LoraConfig(r=4, alpha=8)
-    config.rollout = RolloutConfig(
-        backend="vllm", vllm_enforce_eager=True, vllm_gpu_memory_utilization=0.2
-    )
+    config.rollout = RolloutConfig(backend="vllm", vllm_enforce_eager=True, vllm_kv_cache_gib=0.25)
     config.eval = EvalConfig(
         backend="vllm", num_prompts=6, num_samples=4, ks=[1, 4], max_new_tokens=6
     )
@@ -120,3 +117,4 @@ def test_engine_follows_a_trained_lora_student_and_evaluates(tmp_path, tokenizer
     assert {"accuracy", "pass@1", "pass@4", "avg@4"} <= set(metrics)
     assert sum(len(c[0]) for c in calls) == 6 + 6 * 4  # greedy, then 4 samples per prompt
     assert trainer.evaluate() == metrics  # seeded
+    trainer.close()

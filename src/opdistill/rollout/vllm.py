@@ -128,6 +128,8 @@ class VLLMRollout:
         }
         if config.vllm_max_model_len:
             options["max_model_len"] = config.vllm_max_model_len
+        if config.vllm_kv_cache_gib:
+            options["kv_cache_memory_bytes"] = int(config.vllm_kv_cache_gib * 2**30)
         if self.lora is not None:
             options |= {
                 "enable_lora": True,
