@@ -73,14 +73,14 @@ def test_server_follows_the_trained_student(student_server, tmp_path, tokenizer,
     after = student_logprobs(student, prompt, response)
     assert (after - before).abs().max() > 1e-3
     assert torch.allclose(engine.logprobs_of(prompt, response), after, atol=1e-4)
-    assert list((tmp_path / "push").iterdir()) == (
-        [tmp_path / "push" / "adapter-5"] if lora else []
-    )
+    (directory,) = (tmp_path / "push").iterdir()  # the run's own, inside rollout.server_dir
+    assert [p.name for p in directory.iterdir()] == (["adapter-5"] if lora else [])
     batch = engine.generate(graph_task.examples("eval", 8), 8, temperature=1.0)
     assert int(batch.response_ids.max()) < len(tokenizer)
     for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
         assert tokenizer.eos_token_id not in ids[mask.bool()].tolist()[:-1]
     engine.close()
+    assert not directory.exists()
 
 
 def fake_server(model, raw=False, dev=True):

@@ -9,8 +9,9 @@ and penalties off, only the tokenizer's ids allowed when the model has padded co
 log softmax(z/T)[y], the sampler log-prob of the rollout contract (vLLM's default,
 `raw_logprobs`, is that of the raw logits).
 
-Weights, after every optimizer step, through files in `rollout.server_dir` (a directory the
-server reads under the same path: the same machine, or a shared file system):
+Weights, after every optimizer step, through files in a fresh directory inside
+`rollout.server_dir` (which the server reads under the same path: the same machine, or a shared
+file system), removed by `close()`:
 - a LoRA student: the adapter, saved with peft into a fresh directory and loaded with
   `POST /v1/load_lora_adapter` under a fresh name (the server runs with `--enable-lora` and
   `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); requests name that adapter as their model;
@@ -76,13 +77,14 @@ class VLLMServerRollout:
         self._rng = random.Random()  # retry jitter only
         self._pushes = 0
         self._pushed: Path | None = None  # the adapter in use (full weights are read at once)
-        self._temporary = None
+        # A fresh directory of our own (inside rollout.server_dir when set: without it the
+        # server reads it only when it runs on this machine); only its files are ever deleted.
+        parent = None
         if config.server_dir:
-            self.directory = Path(config.server_dir)
-            self.directory.mkdir(parents=True, exist_ok=True)
-        else:  # the server reads it only when it runs on this machine
-            self._temporary = tempfile.TemporaryDirectory(prefix="opdistill-vllm-server-")
-            self.directory = Path(self._temporary.name)
+            parent = Path(config.server_dir)
+            parent.mkdir(parents=True, exist_ok=True)
+        self._temporary = tempfile.TemporaryDirectory(prefix="opdistill-vllm-push-", dir=parent)
+        self.directory = Path(self._temporary.name)
         self.client = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, "opdistill-vllm-requests")
         try:
@@ -104,8 +106,7 @@ class VLLMServerRollout:
         """Close the connection; the server keeps running."""
         self._pool.shutdown(wait=False)
         self.client.close()
-        if self._temporary is not None:
-            self._temporary.cleanup()
+        self._temporary.cleanup()
 
     # ------------------------------------------------------------------------- requests
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
