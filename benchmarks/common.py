@@ -197,10 +197,11 @@ def opdistill_trainer(
     steps: int,
     output_dir: str | Path,
     loss: dict[str, Any] | None = None,
+    rollout: dict[str, Any] | None = None,
     **train: Any,
 ) -> Trainer:
     """opdistill's `Trainer` for the on-policy JSD step of `setup` (models passed in memory);
-    `loss` overrides keys of the `loss` section, `train` of the `train` section."""
+    `loss` overrides keys of the `loss` section, `rollout` of `rollout`, `train` of `train`."""
     from opdistill.config import config_from_dict
     from opdistill.trainer import Trainer
 
@@ -223,6 +224,7 @@ def opdistill_trainer(
             "progress": False,
             **train,
         },
+        "rollout": rollout or {},
     }
     return Trainer(
         config_from_dict(values),
@@ -276,8 +278,11 @@ def available_mib() -> float:
     return psutil.virtual_memory().available / MIB
 
 
-def run_worker(script: Path, arguments: Sequence[str], label: str) -> dict[str, Any]:
-    """Run `script --worker ...` in a fresh CPU-only Python process; return the JSON it wrote.
+def run_worker(
+    script: Path, arguments: Sequence[str], label: str, python: str | None = None
+) -> dict[str, Any]:
+    """Run `script --worker ...` in a fresh CPU-only Python process (`python`, default this
+    one); return the JSON it wrote.
 
     A failed worker gives `{"error": ...}` (with the tail of its output) instead of raising, so
     one tool's failure (for instance running out of memory) does not hide the other's result.
@@ -285,7 +290,8 @@ def run_worker(script: Path, arguments: Sequence[str], label: str) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="opdistill-bench-") as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        command = [sys.executable, str(script), "--worker-result", str(result), *arguments]
+        command = [python or sys.executable, str(script), "--worker-result", str(result)]
+        command += arguments
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode == 0 and result.exists():
             return json.loads(result.read_text())

@@ -15,8 +15,14 @@ when they disagree by more than 1e-5 (relative).
 on-policy, with a loss computed in chunks from the hidden states (TRL suggests it for λ = 1 and
 temperature 1).
 
+`--rollout hf_static|vllm` samples opdistill's rollouts with that backend (default `hf`,
+transformers `generate` like TRL), `--max-staleness S` pipelines them (S steps ahead). vLLM lives
+in its own environment without TRL: run the script with the main one and pass
+`--worker-python .venv-vllm/bin/python` for opdistill's worker.
+
     python benchmarks/vs_trl_step.py [--steps 10] [--batch-size 4] [--max-new-tokens 128]
-        [--vocab 49152] [--trl-trainer gkd|distillation] [--quick] [--json PATH]
+        [--vocab 49152] [--trl-trainer gkd|distillation] [--rollout hf|hf_static|vllm]
+        [--max-staleness 0] [--worker-python PATH] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,6 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="gkd",
         help="TRL's trainer: gkd (GKDTrainer, default) or distillation (DistillationTrainer)",
     )
+    parser.add_argument(
+        "--rollout",
+        choices=["hf", "hf_static", "vllm"],
+        default="hf",
+        help="opdistill's rollout.backend (default hf: transformers generate, like TRL)",
+    )
+    parser.add_argument(
+        "--max-staleness", type=int, default=0, help="opdistill's train.max_staleness (0)"
+    )
+    parser.add_argument(
+        "--worker-python",
+        default=None,
+        help="Python of opdistill's worker, e.g. .venv-vllm/bin/python for --rollout vllm",
+    )
     common.add_common_args(parser)
     parser.add_argument("--worker", choices=["opdistill", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # JSON of the StepSetup
@@ -64,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be at least 1")
     if args.quick and args.steps == 10:
         args.steps = 2
+    if args.max_staleness < 0:
+        parser.error("--max-staleness must be >= 0")
+    if args.max_staleness and args.rollout == "hf":
+        parser.error("--max-staleness needs --rollout hf_static or vllm (seeded sampling)")
     return args
 
 
@@ -75,16 +99,31 @@ def opdistill_worker(
     warmup: int,
     around_step: Callable[[], AbstractContextManager[Any]] = nullcontext,
     loss: dict[str, Any] | None = None,
+    rollout: str = "hf",
+    max_staleness: int = 0,
 ) -> dict[str, Any]:
     """Time `trainer.step()` of opdistill's Trainer; each step runs inside `around_step()`;
-    `loss` overrides keys of the config's `loss` section."""
+    `loss` overrides keys of the config's `loss` section; `rollout` is its rollout.backend,
+    `max_staleness` its train.max_staleness."""
     built = common.load_built(models, setup)
     loaded = common.current_rss_mib()
     seconds, tokens = [], []
     prompts: list[list[list[int]]] = []
     with tempfile.TemporaryDirectory(prefix="opdistill-bench-run-") as output_dir:
-        trainer = common.opdistill_trainer(setup, built, warmup + steps, output_dir, loss=loss)
-        sampler, generate = trainer.student_sampler, trainer.student_sampler.generate
+        trainer = common.opdistill_trainer(
+            setup,
+            built,
+            warmup + steps,
+            output_dir,
+            loss=loss,
+            rollout={"backend": rollout, "vllm_gpu_memory_utilization": 0.3},
+            max_staleness=max_staleness,
+        )
+        # Pipelined, the worker samples (on its own copy of the student, or on the engine).
+        sampler = (
+            trainer.pipeline.sampler if trainer.pipeline is not None else trainer.student_sampler
+        )
+        generate = sampler.generate
 
         def recording_generate(*args: Any, **kwargs: Any) -> Any:
             batch = generate(*args, **kwargs)
@@ -100,15 +139,18 @@ def opdistill_worker(
             if index >= warmup:
                 seconds.append(elapsed)
                 tokens.append(stats.num_tokens)
+        if trainer.pipeline is not None:
+            trainer.pipeline.close()
     return {
         "seconds": seconds,
         "response_tokens": tokens,
-        "prompts_digest": common.digest(prompts),
+        "prompts_digest": common.digest(prompts[: warmup + steps]),  # not those sampled ahead
         "rss_after_load_mib": loaded,
         "peak_rss_mib": common.peak_rss_mib(),
         "settings": (
             f"Trainer.step(); loss jsd, beta={setup.beta}, λ=1, temperature=1.0, "
-            "optim=torch.optim.AdamW (fused), fp32"
+            f"optim=torch.optim.AdamW (fused), fp32, rollout.backend={rollout}, "
+            f"train.max_staleness={max_staleness}"
         ),
     }
 
@@ -368,7 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         common.set_threads(args.threads)
         setup = StepSetup.from_dict(json.loads(args.setup))
         if args.worker == "opdistill":
-            result = opdistill_worker(setup, Path(args.models), args.steps, args.warmup)
+            result = opdistill_worker(
+                setup,
+                Path(args.models),
+                args.steps,
+                args.warmup,
+                rollout=args.rollout,
+                max_staleness=args.max_staleness,
+            )
         else:
             result = trl_worker(setup, Path(args.models), args.steps, args.warmup, args.trl_trainer)
         common.write_result(args.worker_result, result)
@@ -387,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         f"lr {setup.lr}, λ = 1, JSD β = {setup.beta}, temperature 1; {args.warmup} warmup + "
         f"{args.steps} timed steps per tool, each tool in its own process"
     )
+    print(f"  opdistill: rollout.backend={args.rollout}, train.max_staleness={args.max_staleness}")
     common.set_threads(args.threads)
     results: dict[str, Any] = {"setup": setup.to_dict(), "versions": versions}
     with tempfile.TemporaryDirectory(prefix="opdistill-bench-models-") as tmp:
@@ -410,11 +460,16 @@ def main(argv: list[str] | None = None) -> int:
             str(args.threads),
             "--trl-trainer",
             args.trl_trainer,
+            "--rollout",
+            args.rollout,
+            "--max-staleness",
+            str(args.max_staleness),
         ]
         for tool in ("opdistill", "trl"):
             print(f"\nrunning {tool} ...", flush=True)
+            python = args.worker_python if tool == "opdistill" else None
             results[tool] = common.run_worker(
-                Path(__file__), ["--worker", tool, *worker_args], tool
+                Path(__file__), ["--worker", tool, *worker_args], tool, python
             )
     return report(results, args)
 

@@ -215,3 +215,37 @@ eval: {{num_prompts: 0, num_samples: 2, ks: [1, 2], max_new_tokens: 3}}
     files["far"].write_text('{"prompt": "x", "teacher": 3}\n')
     assert main(["train", str(path), "--overwrite"]) == 2
     assert f"{files['far']}:1: 'teacher' must be a non-empty string" in capsys.readouterr().err
+
+
+def test_eval_command_samples_with_vllm(tmp_path, saved_pair, tokenizer, monkeypatch):
+    """`opdistill eval --set eval.backend=vllm`: an engine started on the model samples every
+    evaluation row (greedy, then the samples of pass@k)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here: `make vllm` builds .venv-vllm, where CI runs this")
+    from opdistill.models.loading import tiny_llama
+    from opdistill.rollout.vllm import VLLMRollout
+
+    model_dir = tmp_path / "student"  # vLLM on CPU needs heads of 32 dimensions or more
+    tiny_llama(tokenizer, hidden_size=64, num_layers=1, num_heads=2, seed=4).save_pretrained(
+        model_dir
+    )
+    tokenizer.save_pretrained(model_dir)
+    rows = []
+    generate = VLLMRollout.generate
+    monkeypatch.setattr(
+        VLLMRollout,
+        "generate",
+        lambda self, examples, *a, **kw: (
+            rows.append(len(examples)) or generate(self, examples, *a, **kw)
+        ),
+    )
+    path = write_config(tmp_path, saved_pair)
+    result = tmp_path / "eval.json"
+    arguments = ["eval", str(path), "--model", str(model_dir), "--no-teacher"]
+    arguments += ["--set", "eval.backend=vllm", "--set", "rollout.vllm_enforce_eager=true"]
+    arguments += ["--set", "rollout.vllm_kv_cache_gib=0.25", "--output", str(result)]
+    assert main(arguments) == 0
+    assert {"accuracy", "pass@1", "pass@2"} <= set(json.loads(result.read_text()))
+    assert rows == [4, 8]  # 4 prompts greedy, then 2 samples each

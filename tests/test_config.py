@@ -136,6 +136,17 @@ def test_overrides_apply_after_the_file(tmp_path):
         (BASE + "loss: {kind: skew_forward_kl, alpha: 1}", r"loss\.alpha=1\.0: skew divergences"),
         (BASE + "loss: {kind: skew_reverse_kl, alpha: -0.5}", r"loss\.alpha=-0\.5: skew"),
         (BASE + "eval: {max_new_tokens: 0}", r"eval\.max_new_tokens must be >= 1"),
+        (BASE + "eval: {backend: sglang}", r"eval\.backend: 'sglang' is not one of"),
+        (
+            BASE + "rollout: {server: 'http://h:8000'}",
+            r"rollout\.server='http://h:8000' is a vLLM server: set rollout\.backend=vllm",
+        ),
+        (
+            BASE + "rollout: {backend: vllm, server: 'h:8000'}",
+            r"rollout\.server='h:8000' must start with http:// or https://",
+        ),
+        (BASE + "rollout: {server_timeout: 0}", r"rollout\.server_timeout must be > 0"),
+        (BASE + "rollout: {vllm_kv_cache_gib: -1}", r"rollout\.vllm_kv_cache_gib must be >= 0"),
         (BASE + "train: {max_new_tokens: -3}", r"train\.max_new_tokens must be >= 1"),
         (BASE + "train: {steps: -1}", r"train\.steps must be >= 0"),
         (BASE + "train: {batch_size: 0}", r"train\.batch_size must be >= 1"),

@@ -103,7 +103,16 @@ def _eval(args: argparse.Namespace) -> None:
     if fit.too_long:
         print(f"opdistill: {fit.summary('eval')}", file=sys.stderr)
     examples = fit.examples
-    metrics = evaluate_with_config(model, tokenizer, task, examples, ec, teacher, seed=dc.seed)
+    rollout = None
+    if ec.backend == "vllm":  # an engine on the model, or the server at rollout.server
+        from opdistill.rollout import vllm_rollout
+
+        rollout = vllm_rollout(config, model, tokenizer)
+    metrics = evaluate_with_config(
+        model, tokenizer, task, examples, ec, teacher, seed=dc.seed, rollout=rollout
+    )
+    if rollout is not None:
+        rollout.close()  # the engine's memory, or the server connection
     text = json.dumps(metrics, indent=2)
     print(text)  # first: the metrics are not lost if the file cannot be written after all
     if args.output:
@@ -291,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[
             "default",
             "objectives",
+            "engines",
             "self-distill",
             "self-distill-frontier",
             "multi-teacher",
@@ -298,9 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
-        "objective on the graph and arithmetic tasks; self-distill: self-distillation's "
-        "diversity cost against RL and GKD, in and out of distribution; self-distill-frontier: "
-        "the diversity-preserving remedies at several strengths; multi-teacher: one "
+        "objective on the graph and arithmetic tasks; engines: on-policy GKD sampled by "
+        "transformers, by vLLM and pipelined one step stale (from .venv-vllm); self-distill: "
+        "self-distillation's diversity cost against RL and GKD, in and out of distribution; "
+        "self-distill-frontier: the diversity-preserving remedies at several strengths; "
+        "multi-teacher: one "
         "student from a graph and an arithmetic teacher at once; cross-tokenizer: a "
         "character-level teacher into a word-level student",
     )

@@ -274,10 +274,17 @@ class RolloutConfig:
 
     backend: "hf" (transformers `generate`), "hf_static" (our decode loop over a static KV
         cache: one host sync per token, sampler log-probs without [B, V] scores; `compile`
-        wraps its decode step in `torch.compile`) or "vllm" (a vLLM engine in this process; the
-        student's weights are pushed into it after every optimizer step).
+        wraps its decode step in `torch.compile`) or "vllm" (a vLLM engine in this process, or
+        the vLLM server at `server`; the student's weights, or a LoRA student's adapter, are
+        pushed into it after every optimizer step).
     vllm_gpu_memory_utilization / vllm_max_model_len / vllm_enforce_eager: passed to `vllm.LLM`
-        (eager mode skips the engine's compile warm-up: faster start, slower decoding).
+        (eager mode skips the engine's compile warm-up: faster start, slower decoding);
+        `vllm_kv_cache_gib` > 0 sets the KV cache's size instead (`kv_cache_memory_bytes`: on CPU
+        the share of RAM is counted against the whole process's resident memory).
+    server: `http://HOST:PORT` of a vLLM OpenAI-compatible server started separately ("" = an
+        engine in this process); `server_dir`: where the pushed weights are written, a directory
+        the server reads under the same path ("" = a temporary directory: the same machine);
+        `server_timeout`: seconds each request may take, retries included.
     """
 
     backend: Literal["hf", "hf_static", "vllm"] = "hf"
@@ -285,12 +292,22 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.5
     vllm_max_model_len: int = 0  # 0: the model's own
     vllm_enforce_eager: bool = False
+    vllm_kv_cache_gib: float = 0.0  # 0: from vllm_gpu_memory_utilization
+    server: str = ""
+    server_dir: str = ""
+    server_timeout: float = 600.0
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: greedy accuracy, pass@k and diversity of `num_samples` per prompt."""
+    """Held-out evaluation: greedy accuracy, pass@k and diversity of `num_samples` per prompt.
 
+    backend: what samples: "hf" (transformers `generate`) or "vllm" (the student's vLLM engine:
+        during training the `rollout.backend: vllm` engine, in `opdistill eval` one started
+        on the model, or the server at `rollout.server`).
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
     num_prompts: int = 100
     num_samples: int = 16
     ks: list[int] = field(default_factory=lambda: [1, 4, 16])
@@ -939,6 +956,18 @@ def _validate_rollout(config: Config) -> None:
         raise OpdistillError("rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     if rc.vllm_max_model_len < 0:
         raise OpdistillError("rollout.vllm_max_model_len must be >= 0 (0: the model's own)")
+    if rc.vllm_kv_cache_gib < 0:
+        raise OpdistillError(
+            "rollout.vllm_kv_cache_gib must be >= 0 (0: from rollout.vllm_gpu_memory_utilization)"
+        )
+    if rc.server and rc.backend != "vllm":
+        raise OpdistillError(
+            f"rollout.server={rc.server!r} is a vLLM server: set rollout.backend=vllm"
+        )
+    if rc.server and not rc.server.lower().startswith(("http://", "https://")):
+        raise OpdistillError(f"rollout.server={rc.server!r} must start with http:// or https://")
+    if rc.server_timeout <= 0:
+        raise OpdistillError("rollout.server_timeout must be > 0 (seconds)")
     if t.max_staleness == 0:
         return
     checks = [

@@ -129,6 +129,11 @@ class Trainer:
         self.anchored = config.self_distill.enabled and config.self_distill.anchor_weight > 0
         check_teacher(config, self.teacher, self.teacher_answer)
 
+        if config.eval.backend == "vllm" and config.rollout.backend != "vllm":
+            raise OpdistillError(
+                "eval.backend=vllm samples with the student's vLLM engine during training: "
+                "set rollout.backend=vllm (or eval.backend=hf)"
+            )
         # Samplers: the student (or MiniLLM's teacher–student mixture), and the teacher. Sampler
         # log-probs feed the importance ratio / PPO clip and the replay buffer only.
         adaptive = tc.adaptive_source
@@ -384,11 +389,26 @@ class Trainer:
         self.run_log.close()
         return final
 
+    def close(self) -> None:
+        """Stop the rollout worker and release the student's engine (a vLLM engine's memory, a
+        server connection); the trainer cannot sample afterwards."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+        close = getattr(self.student_sampler, "close", None)
+        if close is not None:
+            close()
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current student (every process computes the same; main logs)."""
         if not self.eval_examples:
             return {}
         reports = self.teacher is not None and self.teacher.reports_distance
+        rollout = None
+        if self.config.eval.backend == "vllm":  # the engine already holds the current weights
+            if self.pipeline is not None:
+                self.pipeline.drain()  # the worker, done with its requests, leaves it free
+            rollout = self.student_sampler
         result = evaluate_with_config(
             self.accelerator.unwrap_model(self.student),
             self.tokenizer,
@@ -397,6 +417,7 @@ class Trainer:
             self.config.eval,
             teacher=self.teacher if reports else None,
             seed=self.config.data.seed,
+            rollout=rollout,
         )
         shown = self.eval_examples[: self.config.eval.num_prompts]
         correct = result.greedy_correct

@@ -7,10 +7,14 @@ import pytest
 from opdistill.cli import main
 from opdistill.errors import OpdistillError
 from opdistill.experiments.demo import (
+    ENGINES,
+    GRAPH,
     METHODS,
     OBJECTIVES,
     README_END,
     README_START,
+    _cache_name,
+    suite_settings,
     update_readme_results,
 )
 from opdistill.experiments.self_distill import SelfDistillSettings, methods
@@ -31,6 +35,33 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # A second run reuses the cached teacher and student.
     assert main([*args[:3], "1", *args[4:]]) == 0
     assert "using the cached teacher" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_engines_suite_fits_vllm_and_keeps_its_own_cache(quick):
+    """vLLM on CPU needs attention heads of 32 dimensions or more; the suite's other student
+    must not overwrite the default suite's cached one."""
+    size = suite_settings("engines", quick).student_size
+    hidden, _, heads = size
+    assert hidden // heads >= 32 and hidden % heads == 0
+    assert suite_settings("default", quick).student_size != size
+    assert _cache_name(GRAPH, quick, "engines") != _cache_name(GRAPH, quick)
+    assert {m["rollout"]["backend"] for m in ENGINES.values()} == {"hf", "hf_static", "vllm"}
+
+
+@pytest.mark.slow
+def test_quick_engines_suite(tmp_path):
+    """The engines suite at smoke-test size, every arm (vLLM ones included) trained."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here: `make vllm` builds .venv-vllm, where CI runs this")
+    out = tmp_path / "suite"
+    args = ["demo", "--suite", "engines", "--quick", "--seeds", "1", "--output-dir", str(out)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]) == {"teacher", "initial student", *ENGINES}
+    assert (tmp_path / "cache" / "demo-engines-quick" / "COMPLETE").exists()
 
 
 @pytest.mark.slow

@@ -161,3 +161,27 @@ def test_base_weights_need_a_lora_student(tmp_path):
                 self_distill=SelfDistillConfig(enabled=True, weights="base"),
             )
         )
+
+
+def test_adapter_and_base_weights_from_a_snapshot(tmp_path, tokenizer):
+    """What the vLLM engines get: the adapter saved from a state-dict snapshot is the one
+    peft's save_pretrained writes, and the base weights carry the plain model's names."""
+    from safetensors.torch import load_file
+
+    from opdistill.models.lora import ADAPTER_WEIGHTS, base_state_dict, save_adapter
+
+    base, student = lora_student(tokenizer)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    snapshot = {k: v.clone() for k, v in student.state_dict().items()}
+    save_adapter(student, tmp_path / "snapshot", snapshot)
+    student.save_pretrained(tmp_path / "peft")
+    ours = load_file(tmp_path / "snapshot" / ADAPTER_WEIGHTS)
+    theirs = load_file(tmp_path / "peft" / ADAPTER_WEIGHTS)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "snapshot" / "adapter_config.json").exists()
+    weights = base_state_dict(student)
+    assert weights.keys() == base.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in base.state_dict().items())

@@ -6,6 +6,7 @@ import json
 import httpx
 import pytest
 import torch
+from tests.vllm_server import vllm_server
 
 from opdistill.batch import batch_logits
 from opdistill.config import LossConfig, ModelConfig
@@ -150,56 +151,20 @@ def test_config_addresses(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory, tokenizer):
+def served_teacher(tmp_path_factory, tokenizer):
     """A real vLLM server on 127.0.0.1 serving a tiny teacher; stopped after the module."""
-    import importlib.util
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed here: `make vllm` builds .venv-vllm, where CI runs this")
     root = tmp_path_factory.mktemp("vllm-teacher")
     teacher = tiny_llama(
         tokenizer, hidden_size=64, num_layers=1, num_heads=2, seed=7, pad_vocab_to_multiple_of=1
     )
     teacher.save_pretrained(root)
     tokenizer.save_pretrained(root)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(root)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
-    command += ["--max-logprobs", "8", "--enforce-eager", "--max-model-len", "256"]
-    command += ["--gpu-memory-utilization", "0.2"]  # on CPU: the share of RAM reserved
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"the vLLM server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("the vLLM server did not start within 300 s")
-        yield f"vllm+http://127.0.0.1:{port}", teacher.eval()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    with vllm_server(root, "--max-logprobs", "8") as url:
+        yield f"vllm+{url}", teacher.eval()
 
 
-def test_real_vllm_server_scores_like_the_model(vllm_server, tokenizer, graph_task):
-    url, teacher = vllm_server
+def test_real_vllm_server_scores_like_the_model(served_teacher, tokenizer, graph_task):
+    url, teacher = served_teacher
     _, batch = teacher_and_batch(tokenizer, graph_task)
     served = VLLMServedTeacher(url, tokenizer)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from opdistill.eval.metrics import (
     pass_at_k_curve,
 )
 from opdistill.losses import masked_token_sum, token_divergence
-from opdistill.rollout import HFGenerateRollout, decode_responses
+from opdistill.rollout import HFGenerateRollout, RolloutBackend, decode_responses
 from opdistill.tasks.base import Example, Task
 from opdistill.teachers.base import Teacher
 
@@ -71,6 +71,7 @@ def evaluate(
     self_bleu: bool = True,
     semantic_model: str | None = None,
     semantic_device: str = "cpu",
+    rollout: RolloutBackend | None = None,
 ) -> EvalMetrics:
     """Evaluate `model` on `examples`.
 
@@ -87,9 +88,10 @@ def evaluate(
     `semantic_diversity` is left out, with a warning, when its model cannot be loaded.
     Per-prompt values are in `.per_prompt`, the sampled responses in `.samples`.
     Sampling uses its own seeded RNG and leaves the global RNG state of the CPU and of every
-    CUDA device untouched.
+    CUDA device untouched. `rollout`: what samples (default: transformers `generate` on
+    `model`), e.g. a vLLM engine holding `model`'s weights.
     """
-    rollout = HFGenerateRollout(model, tokenizer, record_logprobs=False)
+    rollout = rollout or HFGenerateRollout(model, tokenizer, record_logprobs=False)
     vocab_size = len(tokenizer)
     result = EvalMetrics()
     with forked_rng():  # the CPU and every CUDA device: training's random streams go on untouched
@@ -163,8 +165,10 @@ def evaluate_with_config(
     config: EvalConfig,
     teacher: Teacher | None = None,
     seed: int = 0,
+    rollout: RolloutBackend | None = None,
 ) -> EvalMetrics:
-    """`evaluate` with the settings of an `eval:` config section (first `num_prompts` examples)."""
+    """`evaluate` with the settings of an `eval:` config section (first `num_prompts` examples);
+    `rollout` samples (the `eval.backend: vllm` engine), default transformers `generate`."""
     return evaluate(
         model,
         tokenizer,
@@ -181,4 +185,5 @@ def evaluate_with_config(
         self_bleu=config.self_bleu,
         semantic_model=config.semantic_model,
         semantic_device=config.semantic_device,
+        rollout=rollout,
     )

@@ -10,8 +10,10 @@ For each task of the chosen suite:
    (`update_readme_results` puts the table into a README between its two markers).
 
 Suites: `default` (graph task; SFT, SeqKD, supervised KD, on-policy GKD with JSD(0.9) and reverse
-KL, mixed λ = 0.5) and `objectives` (graph and arithmetic tasks; every objective of
-docs/objectives.md).
+KL, mixed λ = 0.5), `objectives` (graph and arithmetic tasks; every objective of
+docs/objectives.md) and `engines` (graph task; on-policy GKD with reverse KL sampled by
+transformers `generate`, by a vLLM engine, and pipelined one step stale on hf_static and on vLLM;
+run it from .venv-vllm).
 """
 
 from __future__ import annotations
@@ -143,9 +145,34 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     ),
 }
 
+
+def _engine(rollout: dict[str, Any], max_staleness: int = 0) -> dict[str, Any]:
+    """On-policy GKD with reverse KL, sampled by `rollout` (evaluated by transformers, like
+    every arm), optionally pipelined `max_staleness` steps ahead."""
+    train = {"student_data_fraction": 1.0, "max_staleness": max_staleness}
+    return {"loss": {"kind": "reverse_kl"}, "train": train, "rollout": rollout}
+
+
+VLLM_ROLLOUT = {"backend": "vllm", "vllm_enforce_eager": True, "vllm_gpu_memory_utilization": 0.2}
+ENGINES: dict[str, dict[str, Any]] = {
+    "RKL · hf": _engine({"backend": "hf"}),
+    "RKL · vllm": _engine(VLLM_ROLLOUT),
+    "RKL · hf_static, staleness 1": _engine({"backend": "hf_static"}, max_staleness=1),
+    "RKL · vllm, staleness 1": _engine(VLLM_ROLLOUT, max_staleness=1),
+}
+
 SUITES: dict[str, tuple[tuple[DemoTask, ...], dict[str, dict[str, Any]]]] = {
     "default": ((GRAPH,), METHODS),
     "objectives": ((GRAPH, ARITHMETIC), OBJECTIVES),
+    "engines": ((GRAPH,), ENGINES),
+}
+# Suites whose models differ from the default ones (own cache): vLLM on CPU needs attention
+# heads of at least 32 dimensions.
+SUITE_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "engines": {"student_size": (96, 2, 3)},
+}
+QUICK_SUITE_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "engines": {"teacher_size": (64, 1, 2), "student_size": (32, 1, 1)},
 }
 METRICS = ["accuracy", "pass@1", "pass@4", "pass@16", "distinct_correct", "teacher_rkl"]
 HEADERS = {
@@ -240,14 +267,29 @@ def task_data(settings: DemoSettings, task: DemoTask):
     )
 
 
-def _cache_name(task: DemoTask, quick: bool) -> str:
+def _cache_name(task: DemoTask, quick: bool, suite: str = "default") -> str:
     name = "demo" if task == GRAPH else f"demo-{task.name}"
+    if suite in SUITE_SIZES:
+        name += f"-{suite}"
     return f"{name}-quick" if quick else name
 
 
-def prepare(cache_dir: Path, settings: DemoSettings, task: DemoTask, quick: bool = False) -> Path:
+def suite_settings(suite: str, quick: bool) -> DemoSettings:
+    """The sizes of `suite`'s models and runs."""
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    sizes = (QUICK_SUITE_SIZES if quick else SUITE_SIZES).get(suite, {})
+    return dataclasses.replace(settings, **sizes)
+
+
+def prepare(
+    cache_dir: Path,
+    settings: DemoSettings,
+    task: DemoTask,
+    quick: bool = False,
+    suite: str = "default",
+) -> Path:
     """Tokenizer, teacher and initial student for `task`, trained once and cached."""
-    root = cache_dir / _cache_name(task, quick)
+    root = cache_dir / _cache_name(task, quick, suite)
     fingerprint = settings_fingerprint(DEMO_VERSION, task, settings)
     if cached(root, fingerprint, "teacher and initial student"):
         return root
@@ -294,9 +336,10 @@ def run_demo(
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    settings = DemoSettings.quick() if quick else DemoSettings()
+    settings = suite_settings(suite, quick)
     tasks, methods = SUITES[suite]
-    roots = {t.name: prepare(cache_dir or default_cache_dir(), settings, t, quick) for t in tasks}
+    cache = cache_dir or default_cache_dir()
+    roots = {t.name: prepare(cache, settings, t, quick, suite) for t in tasks}
     if prepare_only:
         return {}
     steps = steps or settings.method_steps
@@ -424,6 +467,7 @@ def _run_task(
             teacher=scorer,
         )
         metrics = trainer.train()  # ends with the held-out evaluation
+        trainer.close()  # a vLLM engine's memory is freed before the next run
         metrics["seconds_per_step"] = trainer.train_seconds / max(1, steps)
         per_seed.setdefault(method, []).append(metrics)
         progress.write(

@@ -70,3 +70,31 @@ def save_merged(model: PeftModel, path: Path) -> None:
     """The student with its adapters merged into the base weights, as a plain causal LM."""
     merged = copy.deepcopy(model).merge_and_unload()
     merged.save_pretrained(path)
+
+
+def base_state_dict(model: PeftModel, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The base model's weights under their own (transformers) names: the adapters left out,
+    `…q_proj.base_layer.weight` → `…q_proj.weight`. `state`: a snapshot of `model.state_dict()`."""
+    state = model.state_dict() if state is None else state
+    prefix = "base_model.model."
+    return {
+        name.removeprefix(prefix).replace(".base_layer.", "."): tensor
+        for name, tensor in state.items()
+        if "lora_" not in name
+    }
+
+
+def save_adapter(model: PeftModel, directory: Path, state: dict[str, Tensor] | None = None) -> Path:
+    """The adapter as `save_pretrained` writes it (adapter_config.json + safetensors), from
+    `model`'s current weights or from `state`, a snapshot of `model.state_dict()`."""
+    if state is None:
+        model.save_pretrained(directory)
+        return directory
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = get_peft_model_state_dict(model, state_dict=state)
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, directory / ADAPTER_WEIGHTS)
+    model.peft_config[model.active_adapter].save_pretrained(directory)
+    return directory

@@ -33,6 +33,7 @@ __all__ = [
     "pure_generation_config",
     "push_weights",
     "sampling_generation_config",
+    "vllm_rollout",
 ]
 
 
@@ -71,7 +72,19 @@ def student_rollout(
     if rc.backend == "hf_static":
         return StaticRollout(student, tokenizer, record_logprobs, compile=rc.compile)
     if rc.backend == "vllm":
-        from opdistill.rollout.vllm import VLLMRollout
-
-        return VLLMRollout(student, tokenizer, rc, seed=config.train.seed)
+        return vllm_rollout(config, student, tokenizer)
     return HFGenerateRollout(student, tokenizer, record_logprobs)
+
+
+def vllm_rollout(
+    config: Config, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> RolloutBackend:
+    """The student's vLLM sampler: the server at `rollout.server`, else an engine in this
+    process; either holds the student's current weights (a LoRA student: its adapter)."""
+    if config.rollout.server:
+        from opdistill.rollout.vllm_server import VLLMServerRollout
+
+        return VLLMServerRollout(student, tokenizer, config.rollout)
+    from opdistill.rollout.vllm import VLLMRollout
+
+    return VLLMRollout(student, tokenizer, config.rollout, seed=config.train.seed)

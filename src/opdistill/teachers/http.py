@@ -298,11 +298,13 @@ def request_with_retries(
     rng: random.Random,
     method: str,
     path: str,
+    *,
+    server: str = "teacher server",
     **kwargs: Any,
 ) -> httpx.Response:
     """Send one request, retrying connection errors, timeouts and HTTP 429/502/503/504 with
     exponential backoff and jitter until `timeout` seconds have passed; any other refusal is a
-    one-line `OpdistillError` with the server's message."""
+    one-line `OpdistillError` with the server's message (`server`: what the messages call it)."""
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
@@ -315,14 +317,14 @@ def request_with_retries(
         except httpx.TransportError as error:
             last = _describe(error)
         except (httpx.HTTPError, httpx.InvalidURL) as error:
-            raise OpdistillError(f"teacher server at {url}: {_describe(error)}") from None
+            raise OpdistillError(f"{server} at {url}: {_describe(error)}") from None
         else:
             if response.status_code == 200:
                 return response
             message = _server_message(response)
             if response.status_code not in RETRY_STATUSES:
                 raise OpdistillError(
-                    f"teacher server at {url} refused the request: {message} "
+                    f"{server} at {url} refused the request: {message} "
                     f"(HTTP {response.status_code})"
                 )
             last = f"HTTP {response.status_code}: {message}"
@@ -332,9 +334,7 @@ def request_with_retries(
             delay = max(delay, retry_after)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise OpdistillError(
-                f"teacher server at {url} did not answer within {timeout:g} s: {last}"
-            )
+            raise OpdistillError(f"{server} at {url} did not answer within {timeout:g} s: {last}")
         time.sleep(min(delay, remaining))
         attempt += 1
 
