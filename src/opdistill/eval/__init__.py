@@ -1,4 +1,5 @@
-"""Evaluation: pass@k and diversity metrics, pass@k plots and seed-aggregated reports."""
+"""Evaluation: pass@k and diversity metrics, golden metrics and the teacher-hacking monitor,
+pass@k and learning-curve plots, and seed-aggregated reports."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from opdistill.eval.diversity import (
     semantic_diversity_per_prompt,
 )
 from opdistill.eval.evaluate import EvalMetrics, curve_ks, evaluate, evaluate_with_config
+from opdistill.eval.golden import golden_metrics, kl_to_golden, response_logprobs
 from opdistill.eval.metrics import (
     avg_at_k,
     distinct_correct,
@@ -19,17 +21,23 @@ from opdistill.eval.metrics import (
     pass_at_k,
     pass_at_k_curve,
 )
+from opdistill.eval.monitor import EvalRecords, TeacherHackingMonitor, is_teacher_hacking
 from opdistill.eval.plots import plot_pass_at_k
 from opdistill.eval.report import markdown_table, summarise, summarise_curves
 
 __all__ = [
     "EvalMetrics",
+    "EvalRecords",
+    "TeacherHackingMonitor",
     "avg_at_k",
     "curve_ks",
     "distinct_correct",
     "distinct_n",
     "evaluate",
     "evaluate_with_config",
+    "golden_metrics",
+    "is_teacher_hacking",
+    "kl_to_golden",
     "load_embedding_model",
     "markdown_table",
     "mean_distinct_correct",
@@ -39,6 +47,7 @@ __all__ = [
     "pass_at_k",
     "pass_at_k_curve",
     "plot_pass_at_k",
+    "response_logprobs",
     "self_bleu",
     "semantic_diversity_per_prompt",
     "summarise",
