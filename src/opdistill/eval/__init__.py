@@ -3,6 +3,7 @@ pass@k and learning-curve plots, and seed-aggregated reports."""
 
 from __future__ import annotations
 
+from opdistill.eval.curves import learning_curves, read_records
 from opdistill.eval.diversity import (
     load_embedding_model,
     mean_self_bleu,
@@ -22,7 +23,7 @@ from opdistill.eval.metrics import (
     pass_at_k_curve,
 )
 from opdistill.eval.monitor import EvalRecords, TeacherHackingMonitor, is_teacher_hacking
-from opdistill.eval.plots import plot_pass_at_k
+from opdistill.eval.plots import plot_learning_curves, plot_pass_at_k
 from opdistill.eval.report import markdown_table, summarise, summarise_curves
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "golden_metrics",
     "is_teacher_hacking",
     "kl_to_golden",
+    "learning_curves",
     "load_embedding_model",
     "markdown_table",
     "mean_distinct_correct",
@@ -46,7 +48,9 @@ __all__ = [
     "pairwise_cosine_distance",
     "pass_at_k",
     "pass_at_k_curve",
+    "plot_learning_curves",
     "plot_pass_at_k",
+    "read_records",
     "response_logprobs",
     "self_bleu",
     "semantic_diversity_per_prompt",

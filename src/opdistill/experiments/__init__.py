@@ -2,6 +2,8 @@
 
 - `demo`: the embedded default (`opdistill demo`) and the objectives suite (`--suite objectives`);
 - `self_distill`: self-distillation's diversity cost (`opdistill demo --suite self-distill`);
+- `diagnose`: why on-policy objectives lose accuracy on a demo task (`opdistill experiment
+  diagnose`);
 - `smollm2`: distillation with a real pretrained model (`opdistill experiment smollm2`).
 """
 
@@ -11,6 +13,11 @@ import importlib
 
 # name → (module whose `main(argv) -> int` runs it, one-line summary)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "diagnose": (
+        "opdistill.experiments.diagnose",
+        "learning curves, golden metrics, teacher recovery from student prefixes and truncation "
+        "for the demo's methods",
+    ),
     "smollm2": (
         "opdistill.experiments.smollm2",
         "SFT, supervised KD, on-policy GKD and self-distillation of SmolLM2-135M",
