@@ -62,7 +62,7 @@ def run_curve(run_dir: Path, metric: str, x: str = "step", split: str = "eval") 
             points[int(record["step"])] = (float(record[X_AXES[x]]), float(record[metric]))
     if not points:
         names = sorted({k for r in records for k in r} - {"step", "split"})
-        missing = metric if any(metric in r for r in records) else X_AXES[x]
+        missing = X_AXES[x] if any(metric in r for r in records) else metric
         raise OpdistillError(
             f"{run_dir}: no {split!r} record has {missing!r} (recorded: {', '.join(names)})"
         )
