@@ -4,6 +4,8 @@
 - `self_distill`: self-distillation's diversity cost (`opdistill demo --suite self-distill`);
 - `diagnose`: why on-policy objectives lose accuracy on a demo task (`opdistill experiment
   diagnose`);
+- `teacher_hacking`: distillation from an imperfect teacher, watched by the golden metrics
+  (`opdistill experiment teacher-hacking`);
 - `smollm2`: distillation with a real pretrained model (`opdistill experiment smollm2`).
 """
 
@@ -17,6 +19,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "opdistill.experiments.diagnose",
         "learning curves, golden metrics, teacher recovery from student prefixes and truncation "
         "for the demo's methods",
+    ),
+    "teacher-hacking": (
+        "opdistill.experiments.teacher_hacking",
+        "distillation from a teacher trained on a skewed subset of paths, with the golden "
+        "metrics and the teacher-hacking flag",
     ),
     "smollm2": (
         "opdistill.experiments.smollm2",
