@@ -61,6 +61,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from opdistill.config import is_served_teacher, load_config
     from opdistill.eval.evaluate import evaluate_with_config
+    from opdistill.eval.monitor import check_golden
     from opdistill.models.loading import (
         check_model_paths,
         check_tokenizers_match,
@@ -83,6 +84,7 @@ def _eval(args: argparse.Namespace) -> None:
     served = use_teacher and is_served_teacher(mc.teacher)
     check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
+    check_golden(ec, task)
     examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher, teacher_model = None, None

@@ -85,3 +85,14 @@ def test_eval_records_add_seconds_and_the_flag():
     assert second["teacher_hacking"] == 1.0
     plain = EvalRecords(EvalConfig(), graph).record(5, {"accuracy": 0.5}, 1.0)
     assert set(plain) == {"accuracy", "train_seconds", "wall_seconds"}
+
+
+def test_config_bounds_of_the_monitor():
+    from opdistill.config import config_from_dict
+
+    base = {"model": {"student": "s", "teacher": "t"}}
+    assert config_from_dict({**base, "eval": {"golden": True}}).eval.hacking_window == 4
+    with pytest.raises(OpdistillError, match=r"eval\.hacking_window"):
+        config_from_dict({**base, "eval": {"hacking_window": 1}})
+    with pytest.raises(OpdistillError, match=r"eval\.hacking_tolerance"):
+        config_from_dict({**base, "eval": {"hacking_tolerance": -0.1}})

@@ -75,7 +75,10 @@ def golden_metrics(
 ) -> dict[str, float]:
     """`golden_kl` and `golden_mass` (see the module docstring) of `model` on `examples`."""
     if not task.has_golden:
-        raise OpdistillError(f"eval.golden: task {task.name!r} defines no golden distribution")
+        raise OpdistillError(
+            f"eval.golden: task {task.name!r} defines no golden distribution (tasks that do: "
+            "graph, arithmetic, chain); set eval.golden: false"
+        )
     goldens = [task.golden_distribution(e) for e in examples]
     pairs = [(e.prompt, y) for e, g in zip(examples, goldens, strict=True) for y in g]
     flat = iter(response_logprobs(model, tokenizer, pairs, temperature, batch_size))

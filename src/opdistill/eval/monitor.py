@@ -89,14 +89,22 @@ class TeacherHackingMonitor:
         )
 
 
+def check_golden(config: EvalConfig, task: Task) -> None:
+    """Refuse `eval.golden` for a task without a golden distribution."""
+    if config.golden and not task.has_golden:
+        raise OpdistillError(
+            f"eval.golden: task {task.name!r} defines no golden distribution (tasks that do: "
+            "graph, arithmetic, chain); set eval.golden: false"
+        )
+
+
 def hacking_monitor(
     config: EvalConfig, task: Task, verbose: bool = True
 ) -> TeacherHackingMonitor | None:
     """The monitor an `eval:` section asks for (`eval.golden`), or None."""
     if not config.golden:
         return None
-    if not task.has_golden:
-        raise OpdistillError(f"eval.golden: task {task.name!r} defines no golden distribution")
+    check_golden(config, task)
     return TeacherHackingMonitor(config.hacking_window, config.hacking_tolerance, verbose=verbose)
 
 
