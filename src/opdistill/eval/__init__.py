@@ -3,7 +3,14 @@ pass@k and learning-curve plots, and seed-aggregated reports."""
 
 from __future__ import annotations
 
-from opdistill.eval.curves import learning_curves, read_records
+from opdistill.eval.curves import X_LABELS, learning_curves, read_records
+from opdistill.eval.diagnostics import (
+    Sample,
+    continue_greedily,
+    length_report,
+    prefix_recovery,
+    sample_responses,
+)
 from opdistill.eval.diversity import (
     load_embedding_model,
     mean_self_bleu,
@@ -27,10 +34,13 @@ from opdistill.eval.plots import plot_learning_curves, plot_pass_at_k
 from opdistill.eval.report import markdown_table, summarise, summarise_curves
 
 __all__ = [
+    "X_LABELS",
     "EvalMetrics",
     "EvalRecords",
+    "Sample",
     "TeacherHackingMonitor",
     "avg_at_k",
+    "continue_greedily",
     "curve_ks",
     "distinct_correct",
     "distinct_n",
@@ -40,6 +50,7 @@ __all__ = [
     "is_teacher_hacking",
     "kl_to_golden",
     "learning_curves",
+    "length_report",
     "load_embedding_model",
     "markdown_table",
     "mean_distinct_correct",
@@ -50,8 +61,10 @@ __all__ = [
     "pass_at_k_curve",
     "plot_learning_curves",
     "plot_pass_at_k",
+    "prefix_recovery",
     "read_records",
     "response_logprobs",
+    "sample_responses",
     "self_bleu",
     "semantic_diversity_per_prompt",
     "summarise",

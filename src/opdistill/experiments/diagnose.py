@@ -25,9 +25,14 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opdistill import Trainer, model_teacher
-from opdistill.eval import learning_curves, plot_learning_curves
-from opdistill.eval.curves import X_LABELS
-from opdistill.eval.diagnostics import length_report, prefix_recovery, sample_responses
+from opdistill.eval import (
+    X_LABELS,
+    learning_curves,
+    length_report,
+    plot_learning_curves,
+    prefix_recovery,
+    sample_responses,
+)
 from opdistill.experiments.demo import (
     ARITHMETIC,
     GRAPH,

@@ -29,8 +29,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdistill import Trainer, model_teacher
-from opdistill.eval import learning_curves, plot_learning_curves, read_records
-from opdistill.eval.curves import X_LABELS
+from opdistill.eval import X_LABELS, learning_curves, plot_learning_curves, read_records
 from opdistill.experiments.demo import (
     DEMO_VERSION,
     GRAPH,
