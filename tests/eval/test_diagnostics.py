@@ -8,6 +8,7 @@ from opdistill.batch import encode_text
 from opdistill.eval.diagnostics import (
     Sample,
     continue_greedily,
+    divergence_report,
     length_report,
     prefix_recovery,
     sample_responses,
@@ -90,3 +91,21 @@ def test_sample_responses_are_judged_and_end_consistently(model, tokenizer, grap
         assert s.correct == graph_task.is_correct(s.example, s.text)
     again = sample_responses(model, tokenizer, graph_task, examples, 2, max_new_tokens=5)
     assert [s.ids for s in again] == [s.ids for s in samples]
+
+
+def test_divergence_report_finds_where_samples_leave_the_golden_answers(tokenizer, graph_task):
+    example = next(e for e in graph_task.examples("eval", 50) if len(e.meta["solutions"]) >= 2)
+    path = example.meta["solutions"][0].split()  # "S X G"
+    start = path[0]
+    wrong_middle = f"{start} {example.meta['goal']} {example.meta['goal']}"  # leaves at token 1
+    wrong_first = example.meta["goal"]  # leaves at token 0
+    samples = [
+        Sample(example, encode_text(tokenizer, s), True, s, graph_task.is_correct(example, s))
+        for s in (example.meta["solutions"][1], wrong_middle, wrong_first, wrong_first)
+    ]
+    report = divergence_report(samples, tokenizer, graph_task)
+    assert report["off_golden_fraction"] == 0.75
+    assert report["first_divergence@0"] == pytest.approx(2 / 3)
+    assert report["first_divergence@1"] == pytest.approx(1 / 3)
+    assert report["first_divergence"] == pytest.approx(1 / 3)
+    assert report["first_divergence_relative"] == pytest.approx((1 / 3) / 3)

@@ -7,6 +7,7 @@ from opdistill.eval.curves import X_LABELS, learning_curves, read_records
 from opdistill.eval.diagnostics import (
     Sample,
     continue_greedily,
+    divergence_report,
     length_report,
     prefix_recovery,
     sample_responses,
@@ -44,6 +45,7 @@ __all__ = [
     "curve_ks",
     "distinct_correct",
     "distinct_n",
+    "divergence_report",
     "evaluate",
     "evaluate_with_config",
     "golden_metrics",

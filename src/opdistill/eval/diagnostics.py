@@ -7,6 +7,8 @@ accuracy from the student's prefixes says whether the teacher's targets on the s
 still lead to a correct answer; f = 0 is the continuer's own greedy accuracy. The accuracies are
 also reported separately over the samples the student got right and those it got wrong.
 
+`divergence_report`: at which token samples that are not golden answers leave them.
+
 `length_report`: how often samples hit `max_new_tokens` without an EOS, their lengths against
 the reference completions', and how such truncated responses are judged by the verifier.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdistill.batch import Batch, chat_prompt, completion_ids, left_pad
+from opdistill.batch import Batch, chat_prompt, completion_ids, encode_text, left_pad
 from opdistill.checkpoint import forked_rng
 from opdistill.rollout import HFGenerateRollout
 from opdistill.rollout.base import pure_generation_config, sampling_generation_config
@@ -158,6 +160,41 @@ def prefix_recovery(
             if chosen:
                 result[f"recovery_{name}@{f:g}"] = sum(chosen) / len(chosen)
     return result
+
+
+def divergence_report(
+    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, task: Task
+) -> dict[str, float]:
+    """Where samples that are not golden answers leave the golden answers (`Task.has_golden`).
+
+    For each such sample, the first token index at which it differs from every golden answer
+    (the longest common token prefix with any of them). Returns `off_golden_fraction`,
+    `first_divergence` (mean index), `first_divergence_relative` (mean index / golden length)
+    and `first_divergence@I` (the share of those samples that leave at token I).
+    """
+    indices, relative = [], []
+    for sample in samples:
+        goldens = [encode_text(tokenizer, y) for y in task.golden_distribution(sample.example)]
+        if any(sample.ids == g for g in goldens):
+            continue
+        best, size = 0, 1
+        for golden in goldens:
+            common = 0
+            while common < min(len(golden), len(sample.ids)):
+                if golden[common] != sample.ids[common]:
+                    break
+                common += 1
+            if common >= best:
+                best, size = common, max(1, len(golden))
+        indices.append(best)
+        relative.append(best / size)
+    report = {"off_golden_fraction": len(indices) / max(1, len(samples))}
+    if indices:
+        report["first_divergence"] = sum(indices) / len(indices)
+        report["first_divergence_relative"] = sum(relative) / len(relative)
+        for index in sorted(set(indices)):
+            report[f"first_divergence@{index}"] = indices.count(index) / len(indices)
+    return report
 
 
 def length_report(

@@ -10,6 +10,9 @@ On the demo's cached teacher and initial student (built as `opdistill demo` buil
    how many correct samples are golden answers (for arithmetic: the whole worked solution right,
    not only the number after "####");
 3. write `diagnosis.json`, a markdown table and learning-curve plots.
+
+`--reuse` diagnoses the students a previous run left in `OUTPUT_DIR/runs/*/final` instead of
+training them again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opdistill import Trainer, model_teacher
 from opdistill.eval import (
     X_LABELS,
+    divergence_report,
     learning_curves,
     length_report,
     plot_learning_curves,
@@ -85,6 +89,7 @@ def diagnose_model(
     report.update(length_report(samples, tokenizer, max_new_tokens))
     if task.has_golden:
         report.update(golden_sample_accuracy(task, samples))
+        report.update(divergence_report(samples, tokenizer, task))
     return report
 
 
@@ -111,6 +116,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the diagnosis")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/diagnose"))
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="diagnose the students a previous run left in OUTPUT_DIR/runs/*/final instead of "
+        "training them again",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in OBJECTIVES]
@@ -143,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for method in args.methods:
             run_dir = out / "runs" / f"{slug(method)}-seed{seed}"
+            run_dirs.append(run_dir)
+            if args.reuse and (run_dir / "final" / "config.json").exists():
+                model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+                models[f"{method} seed{seed}"] = model
+                continue
             shutil.rmtree(run_dir, ignore_errors=True)
             options = merge_options(OBJECTIVES[method], extra)
             config = run_config(
@@ -161,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
             final = trainer.train()
             print(f"{method} seed {seed}: accuracy {final['accuracy']:.3f}", flush=True)
             models[f"{method} seed{seed}"] = trainer.accelerator.unwrap_model(trainer.student)
-            run_dirs.append(run_dir)
 
     shown = evals[: min(args.num_prompts, len(evals))]
     rows: dict[str, dict[str, float]] = {}
@@ -204,6 +219,7 @@ def diagnosis_table(rows: dict[str, dict[str, float]], fractions: list[float]) -
         ("lucky_fraction_of_correct", "lucky / correct"),
         *[(f"recovery@{f:g}", f"teacher from {f:g}") for f in fractions],
         *[(f"recovery_wrong@{f:g}", f"… wrong samples {f:g}") for f in fractions if f > 0],
+        ("first_divergence", "leaves golden at token"),
         ("mean_length", "mean len"),
         ("reference_length", "ref len"),
         ("truncated_fraction", "truncated"),
