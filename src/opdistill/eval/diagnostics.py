@@ -65,8 +65,10 @@ def sample_responses(
     temperature: float = 1.0,
     batch_size: int = 128,
     seed: int = 0,
+    greedy: bool = False,
 ) -> list[Sample]:
-    """`num_samples` responses per example at `temperature`, judged by the task's verifier."""
+    """`num_samples` responses per example at `temperature` (or the greedy one, `greedy`),
+    judged by the task's verifier."""
     rollout = HFGenerateRollout(model, tokenizer, record_logprobs=False)
     repeated = [e for e in examples for _ in range(num_samples)]
     samples = []
@@ -74,7 +76,7 @@ def sample_responses(
         torch.manual_seed(seed)
         for start in range(0, len(repeated), batch_size):
             chunk = repeated[start : start + batch_size]
-            batch = rollout.generate(chunk, max_new_tokens, temperature)
+            batch = rollout.generate(chunk, max_new_tokens, temperature, greedy=greedy)
             for example, (ids, ended) in zip(
                 chunk, _split_responses(batch, tokenizer.eos_token_id), strict=True
             ):

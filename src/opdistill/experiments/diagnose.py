@@ -4,7 +4,8 @@ On the demo's cached teacher and initial student (built as `opdistill demo` buil
 1. train copies of the initial student with some of the demo's methods, evaluating every
    `--eval-every` steps with the golden metrics (learning curves and the teacher-hacking flag
    land in each run's metrics.jsonl);
-2. for the teacher, the initial student and each trained student: sample responses, measure the
+2. for the teacher, the initial student and each trained student: greedy accuracy by the
+   verifier and with the whole worked solution right; sample responses, measure the
    teacher's greedy accuracy when it continues from prefixes of those samples
    (`opdistill.eval.diagnostics.prefix_recovery`), how often samples hit the token budget, and
    how many correct samples are golden answers (for arithmetic: the whole worked solution right,
@@ -85,7 +86,13 @@ def diagnose_model(
     samples = sample_responses(
         model, tokenizer, task, examples, args.num_samples, max_new_tokens, seed=args.seed
     )
-    report = prefix_recovery(samples, teacher, tokenizer, task, args.fractions, max_new_tokens)
+    greedy = sample_responses(model, tokenizer, task, examples, 1, max_new_tokens, greedy=True)
+    report = {"greedy_accuracy": sum(s.correct for s in greedy) / max(1, len(greedy))}
+    if task.has_golden:
+        report["greedy_golden_accuracy"] = golden_sample_accuracy(task, greedy)[
+            "sample_golden_accuracy"
+        ]
+    report |= prefix_recovery(samples, teacher, tokenizer, task, args.fractions, max_new_tokens)
     report.update(length_report(samples, tokenizer, max_new_tokens))
     if task.has_golden:
         report.update(golden_sample_accuracy(task, samples))
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 def diagnosis_table(rows: dict[str, dict[str, float]], fractions: list[float]) -> str:
     """One row per model: sample accuracy, golden accuracy, recovery per fraction, truncation."""
     columns = [
+        ("greedy_accuracy", "greedy acc."),
+        ("greedy_golden_accuracy", "greedy golden acc."),
         ("sample_accuracy", "sample acc."),
         ("sample_golden_accuracy", "golden acc."),
         ("lucky_fraction_of_correct", "lucky / correct"),
