@@ -109,3 +109,10 @@ def test_divergence_report_finds_where_samples_leave_the_golden_answers(tokenize
     assert report["first_divergence@1"] == pytest.approx(1 / 3)
     assert report["first_divergence"] == pytest.approx(1 / 3)
     assert report["first_divergence_relative"] == pytest.approx((1 / 3) / 3)
+
+
+def test_greedy_samples_are_the_greedy_continuations_from_scratch(model, tokenizer, graph_task):
+    examples = graph_task.examples("eval", 3)
+    greedy = sample_responses(model, tokenizer, graph_task, examples, 1, 5, greedy=True)
+    expected = continue_greedily(model, tokenizer, examples, [[]] * 3, [5] * 3)
+    assert [s.ids for s in greedy] == expected

@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's")
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--window", type=int, default=3, help="eval.hacking_window")
     parser.add_argument("--num-prompts", type=int, default=100, help="prompts diagnosed")
     parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
     parser.add_argument(
@@ -157,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     models: dict[str, PreTrainedModel] = {"teacher": teacher, "initial student": student_init}
     run_dirs: list[Path] = []
-    extra = {"train": {"eval_every": args.eval_every}, "eval": {"golden": True}}
+    extra = {
+        "train": {"eval_every": args.eval_every},
+        "eval": {"golden": True, "hacking_window": args.window},
+    }
     for seed in range(args.seeds):
         for method in args.methods:
             run_dir = out / "runs" / f"{slug(method)}-seed{seed}"
