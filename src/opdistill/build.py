@@ -7,6 +7,7 @@ import sys
 
 from opdistill.batch import check_completions
 from opdistill.config import Config
+from opdistill.eval.monitor import check_golden
 from opdistill.models.loading import check_vocabulary, load_model, load_tokenizer
 from opdistill.models.lora import add_lora
 from opdistill.prompts import context_window, fit_split
@@ -20,6 +21,7 @@ def build_trainer(config: Config) -> Trainer:
     mc, dc = config.model, config.data
     # cheap checks first, before loading weights
     task = make_mixture(dc.mix) if dc.mix else make_task(dc.task, **dc.task_args)
+    check_golden(config.eval, task)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher = open_teacher(config, tokenizer)  # served or cached: no teacher weights here
     student = load_model(mc.student, mc.dtype)

@@ -1,5 +1,5 @@
-"""The command line: `opdistill train`, `eval`, `demo`, `experiment`, `cache-teacher` and
-`serve-teacher`."""
+"""The command line: `opdistill train`, `eval`, `demo`, `plot`, `diagnose`, `experiment`,
+`cache-teacher` and `serve-teacher`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from opdistill.config import is_served_teacher, load_config
     from opdistill.eval.evaluate import evaluate_with_config
+    from opdistill.eval.monitor import check_golden
     from opdistill.models.loading import (
         check_model_paths,
         check_tokenizers_match,
@@ -83,6 +84,7 @@ def _eval(args: argparse.Namespace) -> None:
     served = use_teacher and is_served_teacher(mc.teacher)
     check_model_paths(mc.student, mc.teacher if use_teacher else None, mc.tokenizer)
     task = make_task(dc.task, **dc.task_args)  # cheap checks first, before loading weights
+    check_golden(ec, task)
     examples = task.examples("eval", ec.num_prompts, seed=dc.seed)
     tokenizer = load_tokenizer(mc.tokenizer or mc.student)
     teacher, teacher_model = None, None
@@ -251,6 +253,19 @@ def _demo(args: argparse.Namespace) -> None:
         update_readme_results(Path(args.update_readme), results["table"])
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from opdistill.eval.curves import X_LABELS, learning_curves
+    from opdistill.eval.plots import plot_learning_curves
+
+    run_dirs = [Path(d).expanduser() for d in args.run_dirs]
+    curves = learning_curves(run_dirs, args.metric, args.x, args.split, not args.no_group)
+    path = plot_learning_curves(curves, args.output, args.metric, X_LABELS[args.x], args.title)
+    for name, points in curves.items():
+        x, mean, std = points[-1]
+        print(f"{name}: {len(points)} points, last {args.metric} {mean:.4g} ± {std:.2g} at {x:g}")
+    print(f"opdistill: wrote {path}")
+
+
 def _experiment(args: argparse.Namespace) -> None:
     from opdistill.experiments import run_experiment
 
@@ -359,6 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="a smoke-test sized run (minutes → seconds); numbers not meaningful",
     )
     demo.set_defaults(func=_demo)
+
+    plot = commands.add_parser(
+        "plot",
+        help="learning curves of runs (metrics.jsonl) in one PNG, mean ± std over the seeds "
+        "of a method (runs named METHOD-seedN)",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--metric", default="accuracy", help="a metric of the records")
+    plot.add_argument(
+        "--x",
+        choices=["step", "seconds", "wall_seconds"],
+        default="step",
+        help="step; seconds: time in optimizer steps; wall_seconds: with evaluations",
+    )
+    plot.add_argument("--split", default="eval", help="which records (eval, train, ...)")
+    plot.add_argument("--no-group", action="store_true", help="one line per run directory")
+    plot.add_argument("--title", default=None)
+    plot.add_argument("-o", "--output", default="curves.png", help="PNG file to write")
+    plot.set_defaults(func=_plot)
 
     from opdistill.experiments import EXPERIMENTS
 

@@ -321,6 +321,11 @@ class EvalConfig:
     # None or "" disables it; nothing is downloaded.
     semantic_model: str | None = None
     semantic_device: str = "cpu"
+    # Golden metrics (tasks that know their true answers: graph, arithmetic, chain): golden_kl
+    # and golden_mass, and the teacher-hacking flag over the last `hacking_window` evaluations.
+    golden: bool = False
+    hacking_window: int = 4
+    hacking_tolerance: float = 0.0
 
 
 @dataclass
@@ -684,6 +689,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "eval.max_new_tokens": (1, 65536),
     "eval.temperature": (1e-3, 100),
     "eval.batch_size": (1, 65536),
+    "eval.hacking_window": (2, 10**6),
+    "eval.hacking_tolerance": (0, 1e6),
 }
 MAX_STEP_TOKENS = 2**24  # train.batch_size × train.max_new_tokens, sampled per micro-batch
 MAX_EVAL_SAMPLES = 10**7  # eval.num_prompts × eval.num_samples

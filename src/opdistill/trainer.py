@@ -44,7 +44,7 @@ from opdistill.distributed import (
     shard_on_cpu,
 )
 from opdistill.errors import OpdistillError
-from opdistill.eval.evaluate import evaluate_with_config
+from opdistill.eval import EvalRecords, evaluate_with_config
 from opdistill.losses import TaidSchedule
 from opdistill.losses.projected import ProjectedLogits
 from opdistill.models.loading import check_dtypes
@@ -198,6 +198,7 @@ class Trainer:
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", tc.keep_checkpoints)
         self.run_log = RunLog(self.output_dir, self.accelerator.is_main_process)
+        self.records = EvalRecords(config.eval, task, self.accelerator.is_main_process)
         self.train_seconds = 0.0  # time spent in steps, without evaluation and checkpoints
         self.skipped_steps = 0  # non-finite steps skipped under train.on_nonfinite: skip
 
@@ -373,7 +374,7 @@ class Trainer:
             evaluated = bool(tc.eval_every) and self.step_count % tc.eval_every == 0
             if evaluated:
                 final = self.evaluate()
-                self._log("eval", final)
+                self._log("eval", self.records.record(self.step_count, final, self.train_seconds))
             adaptive = tc.adaptive_source
             if adaptive.enabled and self.step_count % adaptive.validate_every == 0:
                 self._log("validation", self.adapt_student_data_fraction())
@@ -384,7 +385,7 @@ class Trainer:
             self.pipeline.close()
         if not evaluated:
             final = self.evaluate()
-            self._log("eval", final)
+            self._log("eval", self.records.record(self.step_count, final, self.train_seconds))
         self.save_final()
         self.run_log.close()
         return final
@@ -419,8 +420,7 @@ class Trainer:
             seed=self.config.data.seed,
             rollout=rollout,
         )
-        shown = self.eval_examples[: self.config.eval.num_prompts]
-        correct = result.greedy_correct
+        shown, correct = self.eval_examples[: self.config.eval.num_prompts], result.greedy_correct
         result.update(accuracy_by_teacher(shown, correct, self.config.model.teacher_field))
         return result
 

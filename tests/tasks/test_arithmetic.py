@@ -147,3 +147,14 @@ def test_natural_verifier() -> None:
 def test_invalid_style_options(kwargs: dict, knob: str) -> None:
     with pytest.raises(OpdistillError, match=knob):
         ArithmeticTask(**kwargs)
+
+
+def test_solution_exact_is_stricter_than_the_final_answer() -> None:
+    task = ArithmeticTask(num_steps=2, max_value=9)
+    example = task.examples("eval", 1)[0]
+    assert task.solution_exact(example, example.completion)
+    assert task.solution_exact(example, "  " + example.completion.replace(" ", "  "))
+    answer = example.meta["answer"]
+    lucky = f"1 + 1 = 2 . 2 + 1 = 3 . #### {answer}"
+    assert task.is_correct(example, lucky)
+    assert lucky == example.completion or not task.solution_exact(example, lucky)

@@ -181,7 +181,7 @@ def test_invalid_knobs(kwargs: dict, knob: str) -> None:
 
 
 def test_registry() -> None:
-    assert set(TASK_NAMES) == {"graph", "arithmetic", "jsonl", "hf"}
+    assert set(TASK_NAMES) == {"graph", "arithmetic", "chain", "jsonl", "hf"}
     assert make_task("graph", path_length=3) == GraphTask(path_length=3)
     assert isinstance(make_task("arithmetic"), ArithmeticTask)
     with pytest.raises(OpdistillError, match=r"unknown task 'grpah' \(valid: graph, arithmetic"):
@@ -211,3 +211,13 @@ def test_block_path_redirects_its_last_edge_to_a_dead_end():
         assert all(task.is_correct(shifted, s) for s in shifted.meta["solutions"])
         assert task.is_correct(shifted, shifted.completion)
     assert blocked >= 25
+
+
+def test_golden_distribution_is_uniform_over_every_valid_path() -> None:
+    task = GraphTask(num_nodes=10, path_length=2, min_paths=2, max_paths=4)
+    for example in task.examples("eval", 20):
+        golden = task.golden_distribution(example)
+        assert set(golden) == set(example.meta["solutions"])
+        assert all(task.is_correct(example, path) for path in golden)
+        assert len(set(golden.values())) == 1
+        assert sum(golden.values()) == pytest.approx(1.0)

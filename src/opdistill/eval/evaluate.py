@@ -12,6 +12,7 @@ from opdistill.batch import batch_logits
 from opdistill.checkpoint import forked_rng
 from opdistill.config import EvalConfig
 from opdistill.eval import diversity
+from opdistill.eval.golden import golden_metrics
 from opdistill.eval.metrics import (
     avg_at_k,
     distinct_correct,
@@ -72,6 +73,7 @@ def evaluate(
     semantic_model: str | None = None,
     semantic_device: str = "cpu",
     rollout: RolloutBackend | None = None,
+    golden: bool = False,
 ) -> EvalMetrics:
     """Evaluate `model` on `examples`.
 
@@ -83,6 +85,8 @@ def evaluate(
     diverse), `semantic_diversity` (mean pairwise cosine distance of the sentence embeddings of a
     prompt's samples, with `semantic_model`, see `diversity.load_embedding_model`) and, with a
     teacher, `teacher_rkl`: the mean token reverse KL(student‖teacher) on the sampled responses.
+    With `golden`, also `golden_kl` and `golden_mass`, the distance to the task's true
+    distribution of answers (`opdistill.eval.golden`; tasks with `has_golden` only).
     Tasks without a verifier get only `distinct_2`, `self_bleu`, `semantic_diversity` and
     `teacher_rkl`. `self_bleu` and `semantic_diversity` need `num_samples` ≥ 2;
     `semantic_diversity` is left out, with a warning, when its model cannot be loaded.
@@ -123,6 +127,8 @@ def evaluate(
                 rkl_tokens += int(mask.sum())
     samples = [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(examples))]
     result.samples = samples
+    if golden and examples:
+        result.update(golden_metrics(model, tokenizer, task, examples, temperature, batch_size))
     if teacher is not None:
         result["teacher_rkl"] = rkl_sum / max(1, rkl_tokens)
     result["distinct_2"] = distinct_n(texts, 2)
@@ -186,4 +192,5 @@ def evaluate_with_config(
         semantic_model=config.semantic_model,
         semantic_device=config.semantic_device,
         rollout=rollout,
+        golden=config.golden,
     )

@@ -1,4 +1,4 @@
-"""pass@k curves as a PNG (matplotlib, Agg canvas; no global pyplot state is touched)."""
+"""pass@k curves and learning curves as PNGs (matplotlib, Agg canvas; no global pyplot state)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,52 @@ def plot_pass_at_k(
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
     ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if crowded:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    fig.clear()
+    return out
+
+
+def plot_learning_curves(
+    curves: Mapping[str, Sequence[tuple[float, float, float]]],
+    path: str | Path,
+    metric: str,
+    x_label: str = "step",
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """One line per method of (x, mean, std) points with a ±std band; saved as a PNG at `path`
+    (parent folders created). Returns the path written."""
+    if not curves or any(not points for points in curves.values()):
+        raise ValueError("plot_learning_curves needs at least one non-empty curve")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    crowded = len(curves) > 6
+    fig = Figure(figsize=(9.5 if crowded else 6.0, 4.5 if crowded else 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if crowded:
+        from matplotlib import colormaps
+
+        ax.set_prop_cycle(color=[colormaps["tab20"](i) for i in range(20)])
+    for method, points in curves.items():
+        xs, means, stds = zip(*points, strict=True)
+        (line,) = ax.plot(xs, means, "-", marker="o", markersize=3, label=method)
+        if any(stds):
+            lo = [m - s for m, s in zip(means, stds, strict=True)]
+            hi = [m + s for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} during training")
     ax.grid(True, alpha=0.3)
     if crowded:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")

@@ -8,6 +8,7 @@ from typing import Any
 from opdistill.errors import OpdistillError
 from opdistill.tasks.arithmetic import ArithmeticTask, parse_natural_answer
 from opdistill.tasks.base import Example, Task
+from opdistill.tasks.chain import ChainTask
 from opdistill.tasks.graph import GraphTask
 from opdistill.tasks.mixture import MixtureTask, make_mixture
 from opdistill.tasks.user_data import (
@@ -21,6 +22,7 @@ from opdistill.tasks.user_data import (
 _REGISTRY: dict[str, type[Task]] = {
     "graph": GraphTask,
     "arithmetic": ArithmeticTask,
+    "chain": ChainTask,
     "jsonl": JsonlTask,
     "hf": HFDatasetTask,
 }
@@ -28,7 +30,7 @@ TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build the task called `name` ("graph", "arithmetic", "jsonl", "hf") with its options."""
+    """Build the task called `name` (one of `TASK_NAMES`) with its options."""
     if name not in _REGISTRY:
         raise OpdistillError(f"unknown task {name!r} (valid: {', '.join(TASK_NAMES)})")
     cls = _REGISTRY[name]
@@ -51,6 +53,7 @@ def make_task(name: str, **kwargs: Any) -> Task:
 __all__ = [
     "TASK_NAMES",
     "ArithmeticTask",
+    "ChainTask",
     "Example",
     "GraphTask",
     "HFDatasetTask",

@@ -160,3 +160,17 @@ class ArithmeticTask(Task):
     def solution_key(self, example: Example, response: str) -> str:
         """The whitespace-normalised worked solution."""
         return " ".join(response.split())
+
+    @property
+    def has_golden(self) -> bool:
+        return True
+
+    def golden_distribution(self, example: Example) -> dict[str, float]:
+        """All mass on the worked solution: each problem has exactly one (the operations in the
+        order the problem states them)."""
+        return {example.completion: 1.0}
+
+    def solution_exact(self, example: Example, response: str) -> bool:
+        """Stricter than `is_correct`: the whole worked solution is right, not only the number
+        after "####" (a lucky final answer after a wrong step does not count)."""
+        return " ".join(response.split()) == " ".join(example.completion.split())

@@ -50,6 +50,16 @@ class Task(ABC):
         """False for tasks that cannot judge responses (e.g. user data without answers)."""
         return True
 
+    @property
+    def has_golden(self) -> bool:
+        """Whether `golden_distribution` is defined (the task knows its true answers)."""
+        return False
+
+    def golden_distribution(self, example: Example) -> dict[str, float]:
+        """The distribution correct responses to `example` should follow: {response: probability},
+        summing to 1 (e.g. uniform over every valid answer). Tasks with `has_golden` define it."""
+        raise NotImplementedError(f"task {self.name!r} defines no golden distribution")
+
 
 # --- helpers shared by the built-in tasks -------------------------------------------------------
 

@@ -221,3 +221,13 @@ class GraphTask(Task):
     def solution_key(self, example: Example, response: str) -> str:
         """Canonical "A C G" form of the path (whitespace-normalised text if not a path)."""
         return " ".join(response.split())
+
+    @property
+    def has_golden(self) -> bool:
+        return True
+
+    def golden_distribution(self, example: Example) -> dict[str, float]:
+        """Uniform over every simple start→goal path of the graph (`meta["solutions"]`): no valid
+        path is preferred, so a student that drops some of them moves away from it."""
+        solutions = example.meta["solutions"]
+        return {path: 1.0 / len(solutions) for path in solutions}
