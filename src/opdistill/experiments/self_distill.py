@@ -447,8 +447,8 @@ def plot_frontier(
     for ax, y_metric, goal in panels:
         ax.fill_between([0.65, 1.0], goal, 1.005, color="tab:green", alpha=0.12, label="goal")
         for family, members in families.items():
-            xs, ys, xe, ye = [], [], [], []
-            for _, name in sorted(members):
+            xs, ys, xe, ye, strengths = [], [], [], [], []
+            for strength, name in sorted(members):
                 rows = per_seed.get(name, [])
                 if not rows:
                     continue
@@ -458,8 +458,18 @@ def plot_frontier(
                 ys.append(statistics.fmean(y))
                 xe.append(statistics.pstdev(x))
                 ye.append(statistics.pstdev(y))
+                strengths.append(strength)
             if xs:
                 ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=family)
+            if len(xs) > 1:  # the strength beside each point of a remedy
+                for x, y, strength in zip(xs, ys, strengths, strict=True):
+                    ax.annotate(
+                        f"{strength:g}",
+                        (x, y),
+                        xytext=(4, -10),
+                        fontsize=7,
+                        textcoords="offset points",
+                    )
         for name, marker in (("teacher", "*"), ("base student", "s")):
             if name in per_seed:
                 row = per_seed[name][0]
