@@ -21,7 +21,9 @@ of 64 KiB or more (every tensor that matters) is its own mapping, returned to th
 freed, and the resident size follows the live tensors. Where clear_refs cannot be written, a
 thread samples VmRSS every millisecond instead (the method used is printed). The first step
 (warm-up: AdamW allocates its state there) is excluded; the largest peak of the timed steps is
-reported, with the median seconds per step.
+reported, with the median seconds per step. For opdistill the Trainer's phase timer also reads
+the counter around each phase (generation, teacher, forward_backward, loss, the backward as
+forward_backward#2, optimizer), so each phase's peak above the step's starting size is printed.
 
 Equal losses: on one fixed batch (the same prompts and response tokens, the same student and
 teacher) the script computes TRL's `_chunked_divergence_loss` (the loss its DistillationTrainer
