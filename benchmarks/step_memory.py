@@ -21,7 +21,9 @@ of 64 KiB or more (every tensor that matters) is its own mapping, returned to th
 freed, and the resident size follows the live tensors. Where clear_refs cannot be written, a
 thread samples VmRSS every millisecond instead (the method used is printed). The first step
 (warm-up: AdamW allocates its state there) is excluded; the largest peak of the timed steps is
-reported, with the median seconds per step.
+reported, with the median seconds per step. For opdistill the Trainer's phase timer also reads
+the counter around each phase (generation, teacher, forward_backward, loss, the backward as
+forward_backward#2, optimizer), so each phase's peak above the step's starting size is printed.
 
 Equal losses: on one fixed batch (the same prompts and response tokens, the same student and
 teacher) the script computes TRL's `_chunked_divergence_loss` (the loss its DistillationTrainer
@@ -125,12 +127,17 @@ class StepMeter:
         self._sampled = 0.0
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        # Per step: each phase's peak above the step's starting RSS ("between" phases too).
+        self.phase_peaks: list[dict[str, float]] = []
+        self._running = 0.0  # the step's peak so far, where the counter was reset in between
 
     def start(self) -> None:
         gc.collect()
         kernel = _reset_peak()
         self.method = "VmHWM after clear_refs" if kernel else "VmRSS sampled every 1 ms"
         self.before.append(_status_mib("VmRSS"))
+        self.phase_peaks.append({})
+        self._running = 0.0
         if not kernel:
             self._sampled = self.before[-1]
             self._stop = threading.Event()
@@ -144,8 +151,31 @@ class StepMeter:
             self._thread = None
             peak = self._sampled
         else:
-            peak = _status_mib("VmHWM")
-        self.peaks.append(peak - self.before[-1])
+            peak = self._note("between", _status_mib("VmHWM"))
+        self.peaks.append(max(peak, self._running + self.before[-1]) - self.before[-1])
+
+    def _note(self, phase: str, peak: float) -> float:
+        """Record `peak` (absolute MiB) as `phase`'s in the current step."""
+        above = peak - self.before[-1]
+        peaks = self.phase_peaks[-1]
+        peaks[phase] = max(peaks.get(phase, 0.0), above)
+        self._running = max(self._running, above)
+        return peak
+
+    @contextmanager
+    def phase(self, name: str) -> Any:
+        """Within a measured step: the peak of the block, and of what ran since the last one
+        (as "between"); needs the kernel counter (a no-op where RSS is sampled)."""
+        if self._thread is not None or not self.before:
+            yield
+            return
+        self._note("between", _status_mib("VmHWM"))
+        _reset_peak()
+        try:
+            yield
+        finally:
+            self._note(name, _status_mib("VmHWM"))
+            _reset_peak()
 
     def _sample(self) -> None:
         assert self._stop is not None
@@ -165,14 +195,37 @@ class StepMeter:
         return {
             "step_peak_mib": max(measured) if measured else None,
             "step_peaks_mib": self.peaks,
+            "phase_peaks_mib": self.phase_peaks,
             "rss_before_step_mib": self.before,
             "method": self.method,
         }
 
 
 # ----------------------------------------------------------------------------------- workers
+def _meter_phases(meter: StepMeter) -> None:
+    """Have the Trainer's phase timer also record each phase's memory peak (a phase entered
+    again in the same step, e.g. forward_backward for the backward, is named `name#2`)."""
+    import opdistill.trainer
+    from opdistill.timing import PhaseTimer
+
+    class MeteredPhaseTimer(PhaseTimer):
+        def __init__(self, device: Any = "cpu") -> None:
+            super().__init__(device)
+            self.entered: dict[str, int] = {}
+
+        @contextmanager
+        def phase(self, name: str) -> Any:
+            self.entered[name] = self.entered.get(name, 0) + 1
+            label = name if self.entered[name] == 1 else f"{name}#{self.entered[name]}"
+            with meter.phase(label), super().phase(name):
+                yield
+
+    opdistill.trainer.PhaseTimer = MeteredPhaseTimer  # type: ignore[misc]
+
+
 def opdistill_worker(setup: StepSetup, models: Path, args: argparse.Namespace) -> dict[str, Any]:
     meter = StepMeter()
+    _meter_phases(meter)
     chunking = "off" if args.worker == "opdistill-full-logits" else "auto"
     result = vs_trl_step.opdistill_worker(
         setup,
@@ -365,6 +418,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> int:
         "RSS loaded MiB",
     ]
     print(common.table(headers, rows))
+    print_phases(results, args)
     digests = {results[t].get("prompts_digest") for t in args.tools if "error" not in results[t]}
     results["same_prompts"] = len(digests) == 1
     print(f"same prompts in the same order in every tool: {'yes' if len(digests) == 1 else 'NO'}")
@@ -385,6 +439,20 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> int:
         print(f"results written to {args.json}")
     failed = not agreement["ok"] or any("error" in results[t] for t in args.tools)
     return 1 if failed else 0
+
+
+def print_phases(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """opdistill's peak per phase of its largest measured step, above the RSS before the step."""
+    for tool in args.tools:
+        result = results[tool]
+        phases = result.get("phase_peaks_mib") or []
+        if "error" in result or len(phases) <= args.warmup or not phases[args.warmup]:
+            continue
+        measured = list(range(args.warmup, len(phases)))
+        largest = max(measured, key=lambda i: result["step_peaks_mib"][i])
+        rows = [[name, f"{mib:.0f}"] for name, mib in phases[largest].items()]
+        print(f"\n{TOOLS[tool]}: peak above the step's starting RSS, per phase (step {largest}):")
+        print(common.table(["phase", "MiB"], rows))
 
 
 if __name__ == "__main__":

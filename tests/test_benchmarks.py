@@ -30,6 +30,9 @@ def test_step_memory_benchmark_runs_and_checks_the_losses(tmp_path):
         assert len(result[tool]["step_peaks_mib"]) == 2  # warm-up and the measured step
         assert result[tool]["method"]
     assert result["opdistill"]["peak_ratio"] is not None
+    phases = result["opdistill"]["phase_peaks_mib"][-1]  # the measured step's, per phase
+    assert {"generation", "teacher", "forward_backward", "forward_backward#2"} <= set(phases)
+    assert max(phases.values()) <= result["opdistill"]["step_peak_mib"]
 
 
 @pytest.mark.slow

@@ -103,3 +103,36 @@ def test_no_vocabulary_sized_tensor_is_saved_for_backward():
     values.sum().backward()
     assert max(saved) <= 1000 * 8  # the projection itself, never 64 × 1000
     assert hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("teacher_kind", ["full", "projected", "top_k"])
+def test_loss_rows_change_neither_values_nor_gradients(teacher_kind):
+    """At a vocabulary where each row's reductions run along it, the loss function seeing a few
+    rows of a chunk at a time gives the very same values and gradients (bit for bit) as it seeing
+    the whole chunk. (At a tiny vocabulary the reductions may group rows: float rounding.)"""
+    g = torch.Generator().manual_seed(5)
+    n, h, vocab = 9, 6, 4096
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(vocab + 3, h, generator=g, requires_grad=True)
+    b = torch.randn(vocab + 3, generator=g, requires_grad=True)
+    projected = ProjectedLogits(torch.randn(n, h, generator=g), torch.randn(vocab, h), None, vocab)
+    teacher, loss = {
+        "full": (
+            projected.materialize(),
+            lambda z, t: token_divergence(z, t, "jsd", beta=0.3, temperature=1.5),
+        ),
+        "projected": (projected, lambda z, t: token_divergence(z, t, "skew_reverse_kl")),
+        "top_k": (
+            tuple(torch.log_softmax(projected.materialize(), -1).topk(4, dim=-1)),
+            lambda z, t: topk_divergence(z, t[1], t[0], "forward_kl"),
+        ),
+    }[teacher_kind]
+    student = ProjectedLogits(hidden, weight, b, vocab)
+    results = []
+    for loss_rows in (5, 2, 1):
+        values = projected_token_loss(student, teacher, loss, chunk_size=5, loss_rows=loss_rows)
+        results.append((values.detach(), _grads(values, (hidden, weight, b))))
+    for values, grads in results[1:]:
+        assert torch.equal(values, results[0][0])
+        for got, want in zip(grads, results[0][1], strict=True):
+            assert torch.equal(got, want)

@@ -5,6 +5,7 @@ import torch
 from opdistill.batch import batch_logits
 from opdistill.models.loading import tiny_llama
 from opdistill.rollout import HFGenerateRollout, TeacherMixedRollout, decode_responses
+from opdistill.rollout.base import pure_generation_config, sampling_generation_config
 
 
 def test_rollout_masks_after_eos_and_trims(tokenizer, graph_task):
@@ -88,6 +89,43 @@ def test_rollout_without_logprobs_samples_the_same_tokens(tokenizer, graph_task)
         batches.append(HFGenerateRollout(model, tokenizer, record).generate(examples, 5))
     assert torch.equal(batches[0].response_ids, batches[1].response_ids)
     assert batches[0].sampler_logprobs is not None and batches[1].sampler_logprobs is None
+
+
+def test_recorded_logprobs_equal_those_of_the_generate_scores(tokenizer, graph_task):
+    """Gathered step by step, the sampler log-probs and the samples equal those from the [B, V]
+    scores `generate(output_scores=True)` keeps at the sampling temperature."""
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=8)
+    examples = graph_task.examples("eval", 5)
+    rollout = HFGenerateRollout(model, tokenizer)
+    for temperature, greedy in ((0.7, False), (1.0, False), (1.3, True)):
+        torch.manual_seed(2)
+        batch = rollout.generate(examples, 6, temperature=temperature, greedy=greedy)
+        prompt_ids, prompt_mask = rollout.prompts.batch(examples)
+        padded = range(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+        config = sampling_generation_config(
+            6, temperature, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id, padded
+        )
+        torch.manual_seed(2)
+        with torch.no_grad(), pure_generation_config(model, config):
+            output = model.eval().generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=config,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        response_ids = output.sequences[:, prompt_ids.shape[1] :]
+        expected = torch.stack(
+            [
+                torch.log_softmax(score.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
+                for score, ids in zip(output.scores, response_ids.unbind(1), strict=True)
+            ],
+            dim=1,
+        )
+        width = batch.response_ids.shape[1]
+        mask = batch.response_mask.bool()
+        assert torch.equal(batch.response_ids[mask], response_ids[:, :width][mask])
+        assert torch.equal(batch.sampler_logprobs[mask], expected[:, :width][mask])
 
 
 def hub_style_settings(tokenizer):

@@ -5,7 +5,11 @@ evaluates any per-token loss of logits without ever holding them: the forward wa
 in chunks, projecting one chunk at a time under `no_grad`; the backward projects each chunk again
 and back-propagates through it alone, accumulating ∂/∂hidden, ∂/∂W and ∂/∂b. Only the hidden
 states [N, H] and the projection are kept between forward and backward, and the temporaries of
-one chunk at a time, so a step never holds a [B, R, V] student tensor.
+one chunk at a time, so a step never holds a [B, R, V] student tensor. Within a chunk the loss
+function (and its autograd graph, a dozen [n, V] tensors for a divergence) runs on a few rows at
+a time (`loss_rows`): the per-position values and gradients are the same, the projection's
+matmuls keep the chunk's size, and a chunk holds its logits, their gradient and the loss
+temporaries of those rows only.
 
 The teacher side may be projected the same way (`ProjectedLogits` for the teacher too: its logits
 are formed per chunk under no_grad), or be any tensor-like answer with positions first (full
@@ -25,6 +29,9 @@ from torch import Tensor
 
 from opdistill.losses.chunked import CHUNK_ELEMENTS
 from opdistill.losses.logprobs import gather_tokens, log_softmax_at
+
+# The loss function sees about this many elements (rows × V) at once: 2 MiB per fp32 temporary.
+LOSS_ELEMENTS = 1 << 19
 
 
 @dataclass
@@ -78,6 +85,7 @@ def projected_token_loss(
     teacher: ProjectedLogits | Sequence[Tensor] | Tensor,
     loss_fn: ChunkLoss,
     chunk_size: int = 0,
+    loss_rows: int = 0,
 ) -> Tensor:
     """`loss_fn` of the student's logits and the teacher's answer, per position, in chunks.
 
@@ -87,8 +95,10 @@ def projected_token_loss(
             a tensor [..., V], or a sequence of tensors with the student's leading dimensions
             (e.g. top-k indices and log-probs), sliced per chunk and passed as a tuple.
         loss_fn: maps a chunk of student logits [n, V] and the matching teacher chunk (logits
-            [n, V], or the tuple of slices) to per-position values [n].
-        chunk_size: positions per chunk; 0 picks about 2^22 / V positions.
+            [n, V], or the tuple of slices) to per-position values [n], each row's value
+            depending on that row alone.
+        chunk_size: positions per chunk (one projection matmul); 0 picks about 2^22 / V.
+        loss_rows: positions `loss_fn` sees at once within a chunk; 0 picks about 2^19 / V.
 
     Returns:
         values with the student's leading dimensions, in `loss_fn`'s dtype.
@@ -96,6 +106,8 @@ def projected_token_loss(
     lead = student.hidden.shape[:-1]
     if chunk_size <= 0:
         chunk_size = max(1, CHUNK_ELEMENTS // max(1, student.vocab_size))
+    if loss_rows <= 0:
+        loss_rows = max(1, LOSS_ELEMENTS // max(1, student.vocab_size))
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
     if isinstance(teacher, ProjectedLogits):
         flat_teacher: object = ProjectedLogits(
@@ -120,6 +132,7 @@ def projected_token_loss(
         flat_teacher,
         loss_fn,
         chunk_size,
+        min(loss_rows, chunk_size),
         *teacher_tensors,
     )
     return values.reshape(lead)
@@ -132,6 +145,13 @@ def _teacher_chunk(teacher: object, tensors: tuple[Tensor, ...], start: int, end
     if teacher is None:  # one tensor: full logits
         return tensors[0][start:end]
     return tuple(t[start:end] for t in tensors)
+
+
+def _rows(teacher_chunk: object, start: int, end: int) -> object:
+    """Rows `start:end` of a teacher chunk (a tensor, or a tuple of tensors, positions first)."""
+    if isinstance(teacher_chunk, tuple):
+        return tuple(t[start:end] for t in teacher_chunk)
+    return teacher_chunk[start:end]  # type: ignore[index]
 
 
 class _ProjectedLoss(torch.autograd.Function):
@@ -147,6 +167,7 @@ class _ProjectedLoss(torch.autograd.Function):
         teacher: object,
         loss_fn: ChunkLoss,
         chunk_size: int,
+        loss_rows: int,
         *teacher_tensors: Tensor,
     ) -> Tensor:
         n = hidden.shape[0]
@@ -155,22 +176,23 @@ class _ProjectedLoss(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(n, start + chunk_size)
                 logits = student.chunk(hidden[start:end], weight, bias)
-                pieces.append(loss_fn(logits, _teacher_chunk(teacher, teacher_tensors, start, end)))
+                teacher_chunk = _teacher_chunk(teacher, teacher_tensors, start, end)
+                for a in range(0, end - start, loss_rows):
+                    b = min(end - start, a + loss_rows)
+                    pieces.append(loss_fn(logits[a:b], _rows(teacher_chunk, a, b)))
+                del logits, teacher_chunk
         values = torch.cat(pieces) if pieces else hidden.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias, *teacher_tensors)
-        ctx.student, ctx.teacher, ctx.loss_fn, ctx.chunk_size = (
-            student,
-            teacher,
-            loss_fn,
-            chunk_size,
-        )
+        ctx.student, ctx.teacher, ctx.loss_fn = student, teacher, loss_fn
+        ctx.chunk_size, ctx.loss_rows = chunk_size, loss_rows
         return values
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_values: Tensor) -> tuple:
-        """Per chunk: the logits again (no graph), ∂loss/∂logits through `loss_fn` alone, then
-        the linear layer's gradients by hand, summed in place into one accumulator per input
-        (float32 for lower-precision weights): no [V, H] temporary per chunk."""
+        """Per chunk: the logits again (no graph), ∂loss/∂logits through `loss_fn` alone (a few
+        rows at a time), then the linear layer's gradients by hand, summed in place into one
+        accumulator per input (float32 for lower-precision weights): no [V, H] temporary per
+        chunk."""
         hidden, weight, bias, *teacher_tensors = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         vocab = ctx.student.vocab_size
@@ -186,15 +208,19 @@ class _ProjectedLoss(torch.autograd.Function):
             rows = hidden[start:end].detach()
             with torch.no_grad():
                 logits = ctx.student.chunk(rows, weight, bias)
-            with torch.enable_grad():
-                logits.requires_grad_(True)
-                teacher = _teacher_chunk(ctx.teacher, tuple(teacher_tensors), start, end)
-                values = ctx.loss_fn(logits, teacher)
-                (grad_logits,) = torch.autograd.grad(
-                    values, logits, grad_values[start:end].to(values.dtype)
-                )
-            del logits, values
-            grad_logits = grad_logits.to(weight.dtype)
+                grad_logits = torch.empty_like(logits, dtype=weight.dtype)
+            teacher = _teacher_chunk(ctx.teacher, tuple(teacher_tensors), start, end)
+            for a in range(0, end - start, ctx.loss_rows):
+                b = min(end - start, a + ctx.loss_rows)
+                with torch.enable_grad():
+                    part = logits[a:b].detach().requires_grad_(True)
+                    values = ctx.loss_fn(part, _rows(teacher, a, b))
+                    (grad_part,) = torch.autograd.grad(
+                        values, part, grad_values[start + a : start + b].to(values.dtype)
+                    )
+                grad_logits[a:b] = grad_part
+                del part, values, grad_part
+            del logits, teacher
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight[:vocab]
             if grad_weight is not None:
@@ -205,6 +231,7 @@ class _ProjectedLoss(torch.autograd.Function):
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
             None,
             None,
             None,

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import Tensor
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from opdistill.batch import Batch
 from opdistill.losses.logprobs import gather_tokens, log_softmax_at
@@ -22,6 +28,35 @@ from opdistill.rollout.base import (
     synced_generation,
 )
 from opdistill.tasks.base import Example
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """The last logits processor of a pure sampling `generate`: it applies the temperature (the
+    config then samples at 1) and keeps log softmax(scores / τ) of the step in flight only,
+    gathering the sampled token's log-prob at the next step, so no [B, V] score per step is
+    kept (`output_scores` keeps all of them: [B, R, V] in all)."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+        self.tokens: list[Tensor] = []
+        self._pending: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self._pending is not None:  # the previous step's token is the last input id
+            self.tokens.append(gather_tokens(self._pending, input_ids[:, -1]))
+        self._pending = log_softmax_at(scores, 1.0, torch.float32)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """The log-probs [B, steps] of the generated tokens (`sequences` ends with them)."""
+        if self._pending is not None:
+            self.tokens.append(gather_tokens(self._pending, sequences[:, -1]))
+            self._pending = None
+        if not self.tokens:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        return torch.stack(self.tokens, dim=1)
 
 
 class HFGenerateRollout:
@@ -41,7 +76,7 @@ class HFGenerateRollout:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.record_logprobs = record_logprobs  # keeps one [B, V] score per step while sampling
+        self.record_logprobs = record_logprobs  # the sampled tokens' log-probs, step by step
         self.prompts = PromptCache(tokenizer)
 
     @torch.no_grad()
@@ -59,34 +94,29 @@ class HFGenerateRollout:
         self.model.eval()
         # Columns of the logits past the tokenizer (padded embeddings) are never sampled.
         padded = range(len(tokenizer), self.model.get_output_embeddings().weight.shape[0])
+        # Recording, the recorder applies the temperature as the last processor (greedy: none).
+        recorder = SampledTokenLogprobs(1.0 if greedy else temperature)
         config = sampling_generation_config(
             max_new_tokens,
-            temperature,
+            1.0 if self.record_logprobs else temperature,
             greedy,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             suppress_tokens=padded,
         )
         with pure_generation_config(self.model, config):
-            output = self.model.generate(
+            sequences = self.model.generate(
                 input_ids=prompt_ids.to(device),
                 attention_mask=prompt_mask.to(device),
                 generation_config=config,
+                logits_processor=LogitsProcessorList([recorder] if self.record_logprobs else []),
                 use_cache=True,
-                output_scores=self.record_logprobs,
-                return_dict_in_generate=True,
                 synced_gpus=synced_generation(),
             )
         self.model.train(was_training)
-        response_ids = output.sequences[:, prompt_ids.shape[1] :]
-        if self.record_logprobs:  # scores are the sampler's logits after temperature, per step
-            token_logprobs = torch.stack(
-                [
-                    gather_tokens(log_softmax_at(score, 1.0, torch.float32), ids)
-                    for score, ids in zip(output.scores, response_ids.unbind(1), strict=True)
-                ],
-                dim=1,
-            )
+        response_ids = sequences[:, prompt_ids.shape[1] :]
+        if self.record_logprobs:
+            token_logprobs = recorder.finish(sequences)
         else:
             token_logprobs = torch.zeros(response_ids.shape)
         batch = finish_batch(
