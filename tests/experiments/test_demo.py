@@ -157,3 +157,36 @@ def test_a_readme_without_markers_is_left_alone(tmp_path):
     with pytest.raises(OpdistillError, match="demo-results:start"):
         update_readme_results(readme, "| SFT | 1.0 |\n")
     assert readme.read_text(encoding="utf-8") == "| SFT | `nll` | `examples/sft.yaml` |\n"
+
+
+def test_self_distill_only_that_matches_no_method_is_a_one_line_error(tmp_path, capsys):
+    from opdistill.cli import main
+
+    code = main(
+        [
+            "demo",
+            "--suite",
+            "self-distill-frontier",
+            "--quick",
+            "--only",
+            "nothing-like-it",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--only nothing-like-it: no method matches" in err[0] and "SDSD" in err[0]
+    assert not (tmp_path / "cache").exists()  # stopped before building anything
+
+
+def test_smollm2_methods_that_match_nothing_stop_before_loading(capsys):
+    from opdistill.experiments.smollm2 import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--methods", "nothing-like-it"])
+    assert stopped.value.code == 2
+    assert "--methods nothing-like-it: no method matches" in capsys.readouterr().err
+    assert parse_args(["--methods", "preset diverse"]).methods == ["preset diverse"]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opdistill import Config, Trainer, model_teacher
+from opdistill.errors import OpdistillError
 from opdistill.eval import EvalMetrics, evaluate_with_config, plot_pass_at_k, summarise_curves
 from opdistill.experiments.demo import (
     GRAPH,
@@ -264,7 +265,12 @@ def run_self_distill_suite(
     points = remedies(settings) if frontier else None
     chosen = {n: p.options for n, p in points.items()} if points else methods(settings)
     if only:
+        names = list(chosen)
         chosen = {n: o for n, o in chosen.items() if any(part in n for part in only)}
+        if not chosen:
+            raise OpdistillError(
+                f"--only {' '.join(only)}: no method matches (methods: {'; '.join(names)})"
+            )
     root = prepare(cache_dir, demo, GRAPH, quick)
     output_dir.mkdir(parents=True, exist_ok=True)
     base_path = prepare_base(root, demo, settings, output_dir)

@@ -141,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     args = parser.parse_args(argv)
+    names = [*METHODS, SELF_DISTILLED_TEACHER, DIVERSE_TEACHER]
+    if args.methods and not any(m in n for n in names for m in args.methods):
+        parser.error(f"--methods {' '.join(args.methods)}: no method matches ({'; '.join(names)})")
     if args.quick:
         args.warmup_steps, args.steps, args.batch_size = 2, 2, 2
         args.teacher_warmup_steps = min(args.teacher_warmup_steps, 2)
