@@ -107,3 +107,22 @@ def test_base_logits_are_the_initial_network_on_the_plain_prompt(tokenizer, grap
         for p in student.parameters():  # the live student moves on; the base does not
             p.add_(0.1)
     torch.testing.assert_close(teacher.base_logits(batch), expected)
+
+
+def test_tilt_and_anchor_share_one_plain_forward_per_batch(tokenizer, graph_task):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=7)
+    batch = dataset_batch(tokenizer, graph_task.examples("train", 3))
+    teacher = PrivilegedContextTeacher(
+        model, tokenizer, len(tokenizer), ReferenceContext(), TEMPLATE, context_strength=0.5
+    )
+    calls = []
+    score = teacher._score
+    teacher._score = lambda *args: calls.append(args[1]) or score(*args)
+    teacher.logits(batch)
+    base = teacher.base_logits(batch)
+    assert len(calls) == 2  # the context prompt and the plain prompt, not the plain one twice
+    with torch.no_grad():
+        torch.testing.assert_close(base, batch_logits(model, batch, len(tokenizer)))
+    teacher.after_optimizer_step(model)  # weights may have changed: scored afresh
+    teacher.base_logits(batch)
+    assert len(calls) == 3

@@ -59,6 +59,8 @@ class PrivilegedContextTeacher(Teacher):
         self.context_strength = context_strength
         # The base distribution of the anchor term: (network, whether to disable its adapters).
         self.initial_network = initial_network or (model, base_weights)
+        # The last plain-prompt logits: (network, adapters off, batch, logits); cleared by steps.
+        self._plain: tuple[PreTrainedModel, bool, Batch, Tensor] | None = None
         self.base_weights = base_weights  # a LoRA student scoring with its adapters disabled
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -91,16 +93,27 @@ class PrivilegedContextTeacher(Teacher):
         context = self._score(self.model, prompt_ids, prompt_mask, batch, self.base_weights)
         if self.context_strength == 1.0:
             return context
-        plain = self._score(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch, self.base_weights
-        )
+        plain = self._plain_logits(self.model, self.base_weights, batch)
         return tilted_teacher_logprobs(context, plain, self.context_strength)
 
     @torch.no_grad()
     def base_logits(self, batch: Batch) -> Tensor:
         """The initial model on the student's plain prompt: π_base of the anchor term."""
-        model, base_weights = self.initial_network
-        return self._score(model, batch.prompt_ids, batch.prompt_mask, batch, base_weights)
+        return self._plain_logits(*self.initial_network, batch)
+
+    def _plain_logits(self, model: PreTrainedModel, base_weights: bool, batch: Batch) -> Tensor:
+        """`model` on the student's own prompt; kept for the batch, so that the tilt and the
+        anchor share one forward when their network is the same (a frozen teacher)."""
+        cached = self._plain
+        if (
+            cached is None
+            or cached[0] is not model
+            or cached[1] != base_weights
+            or cached[2] is not batch
+        ):
+            logits = self._score(model, batch.prompt_ids, batch.prompt_mask, batch, base_weights)
+            cached = self._plain = (model, base_weights, batch, logits)
+        return cached[3]
 
     def _score(
         self,
@@ -138,6 +151,7 @@ class PrivilegedContextTeacher(Teacher):
 
     def after_optimizer_step(self, student: PreTrainedModel) -> None:
         """EMA copies move toward the student: copy ← decay·copy + (1 − decay)·student."""
+        self._plain = None  # the weights have changed
         if self.ema_decay is not None:
             ema_update(self.copies["teacher_copy"], student, self.ema_decay)
         if self.demo_ema_decay is not None:
