@@ -248,6 +248,10 @@ def _demo(args: argparse.Namespace) -> None:
         steps=args.steps,
         prepare_only=args.prepare_only,
         quick=args.quick,
+        only=tuple(args.only),
+        method_lr=args.lr,
+        on_policy_lr=args.on_policy_lr,
+        eval_every=args.eval_every,
     )
     if args.update_readme and results:
         update_readme_results(Path(args.update_readme), results["table"])
@@ -320,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
             "self-distill-frontier",
             "multi-teacher",
             "cross-tokenizer",
+            "gkd",
         ],
         default="default",
         help="default: the GKD family on the graph task; objectives: every "
@@ -355,7 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=(),
         metavar="TEXT",
-        help="self-distill suites: run only the methods whose names contain one of these",
+        help="run only the methods whose names contain one of these",
+    )
+    demo.add_argument(
+        "--lr", type=float, default=None, help="learning rate of the method runs (a sweep)"
+    )
+    demo.add_argument(
+        "--on-policy-lr",
+        type=float,
+        default=None,
+        help="learning rate of the methods that sample from the student (λ > 0); default --lr",
+    )
+    demo.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="evaluate every N steps for learning curves (the gkd suite: 25)",
     )
     demo.add_argument(
         "--reuse-runs",

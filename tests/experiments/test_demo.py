@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -7,13 +8,18 @@ import pytest
 from opdistill.cli import main
 from opdistill.errors import OpdistillError
 from opdistill.experiments.demo import (
+    CHAIN,
     ENGINES,
     GRAPH,
     METHODS,
     OBJECTIVES,
     README_END,
     README_START,
+    SUITES,
+    DemoSettings,
     _cache_name,
+    models_fingerprint,
+    slug,
     suite_settings,
     update_readme_results,
 )
@@ -190,3 +196,66 @@ def test_smollm2_methods_that_match_nothing_stop_before_loading(capsys):
     assert stopped.value.code == 2
     assert "--methods nothing-like-it: no method matches" in capsys.readouterr().err
     assert parse_args(["--methods", "preset diverse"]).methods == ["preset diverse"]
+
+
+def test_the_gkd_grid_is_the_papers_comparison():
+    """SFT, SeqKD, and every divergence at λ = 0, 0.5 and 1; λ = 0 with FKL is supervised KD."""
+    grid = SUITES["gkd"][1]
+    assert len(grid) == 2 + 3 * 5
+    fractions = sorted({m["train"]["student_data_fraction"] for m in grid.values()})
+    assert fractions == [0.0, 0.5, 1.0]
+    assert grid["GKD λ=0 FKL"] == METHODS["supervised KD (λ=0, FKL)"]
+    assert grid["GKD λ=1 JSD 0.9"] == METHODS["GKD on-policy (λ=1, JSD 0.9)"]
+    assert {m["loss"].get("beta") for m in grid.values() if m["loss"]["kind"] == "jsd"} == {
+        0.1,
+        0.5,
+        0.9,
+    }
+
+
+def test_learning_rates_go_by_method_family():
+    settings = dataclasses.replace(DemoSettings(), method_lr=1e-4, on_policy_lr=2e-3)
+    assert settings.lr(METHODS["SFT"]) == 1e-4
+    assert settings.lr(METHODS["GKD mixed (λ=0.5, JSD 0.9)"]) == 2e-3
+    assert settings.lr(METHODS["GKD on-policy (λ=1, RKL)"]) == 2e-3
+    assert dataclasses.replace(settings, on_policy_lr=None).lr(METHODS["SeqKD"]) == 1e-4
+
+
+def test_run_settings_leave_the_cached_models_alone():
+    """A learning-rate sweep or learning curves reuse the cached teacher and student; other
+    sizes rebuild them."""
+    base = DemoSettings()
+    runs = dataclasses.replace(base, method_lr=1e-3, on_policy_lr=1e-3, eval_every=5)
+    assert models_fingerprint(CHAIN, runs) == models_fingerprint(CHAIN, base)
+    assert models_fingerprint(CHAIN, dataclasses.replace(base, student_size=(64, 2, 4))) != (
+        models_fingerprint(CHAIN, base)
+    )
+    assert models_fingerprint(GRAPH, base) != models_fingerprint(CHAIN, base)
+
+
+@pytest.mark.slow
+def test_quick_gkd_suite_draws_learning_curves(tmp_path):
+    out, cache = tmp_path / "suite", tmp_path / "cache"
+    args = ["demo", "--suite", "gkd", "--quick", "--seeds", "2", "--output-dir", str(out)]
+    only = ["--only", "SFT", "GKD λ=1 RKL", "--eval-every", "1", "--on-policy-lr", "1e-3"]
+    assert main([*args, "--cache-dir", str(cache), *only]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["SFT", "GKD λ=1 RKL"]
+    assert results["settings"]["on_policy_lr"] == 1e-3 and results["settings"]["eval_every"] == 1
+    records = [
+        json.loads(line)
+        for line in (out / "runs/chain" / f"{slug('GKD λ=1 RKL')}-seed1" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [1, 2, 3]
+    for metric in ("accuracy", "pass_at_1"):
+        for x in ("step", "seconds"):
+            assert (out / f"curve_chain_{metric}_{x}.png").stat().st_size > 1000
+
+
+def test_demo_only_that_matches_no_method_is_a_one_line_error(tmp_path, capsys):
+    args = ["demo", "--suite", "gkd", "--quick", "--only", "nothing like this"]
+    assert main([*args, "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no method of the gkd suite matches" in err and len(err.splitlines()) == 1

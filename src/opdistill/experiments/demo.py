@@ -35,8 +35,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdistill import Config, Trainer, config_from_dict, make_task, model_teacher
 from opdistill.errors import OpdistillError
 from opdistill.eval import (
+    X_LABELS,
     evaluate_with_config,
+    learning_curves,
     markdown_table,
+    plot_learning_curves,
     plot_pass_at_k,
     summarise,
     summarise_curves,
@@ -61,6 +64,10 @@ class DemoTask:
 GRAPH = DemoTask("graph", {"num_nodes": 10, "path_length": 2, "num_distractors": 2}, 12)
 # Single-digit values: the teacher masters it in 600 steps; 150 leave the student at ~40%.
 ARITHMETIC = DemoTask("arithmetic", {"num_steps": 2, "max_value": 9}, 24, 600, 150)
+# Chains of 3-5 single-digit operations, every intermediate result written out (responses of
+# 20-32 tokens, judged wrong at the first wrong step): a task where early mistakes derail the
+# rest of the response.
+CHAIN = DemoTask("chain", {"min_steps": 3, "max_steps": 5, "max_value": 9}, 40, 500, 300)
 TASK = {"task": GRAPH.name, "task_args": GRAPH.task_args}  # what the example configs use
 MAX_NEW_TOKENS = GRAPH.max_new_tokens
 
@@ -79,7 +86,14 @@ class DemoSettings:
     method_steps: int = 150
     batch_size: int = 32
     teacher_lr: float = 1e-3
-    method_lr: float = 5e-4
+    method_lr: float = 5e-4  # every method's, unless `on_policy_lr` is set
+    on_policy_lr: float | None = None  # methods that sample from the student (λ > 0)
+    eval_every: int = 0  # evaluations during training, for learning curves (0: only at the end)
+
+    def lr(self, method: dict[str, Any]) -> float:
+        """The learning rate of `method`'s family: off-policy (λ = 0) or on-policy (λ > 0)."""
+        on_policy = method.get("train", {}).get("student_data_fraction", 0.0) > 0
+        return self.on_policy_lr if on_policy and self.on_policy_lr else self.method_lr
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -146,6 +160,28 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 }
 
 
+DIVERGENCES: dict[str, dict[str, Any]] = {
+    "FKL": {"kind": "forward_kl"},
+    "RKL": {"kind": "reverse_kl"},
+    **{f"JSD {beta:g}": {"kind": "jsd", "beta": beta} for beta in (0.1, 0.5, 0.9)},
+}
+# The grid of the GKD paper's comparison: SFT, SeqKD and supervised KD against GKD with each
+# divergence at student-data fractions λ = 0 (reference responses only), 0.5 and 1 (the
+# student's own samples only). λ = 0 with FKL is supervised KD.
+GKD_GRID: dict[str, dict[str, Any]] = {
+    "SFT": METHODS["SFT"],
+    "SeqKD": METHODS["SeqKD"],
+    **{
+        f"GKD λ={fraction:g} {name}": {
+            "loss": loss,
+            "train": {"student_data_fraction": float(fraction)},
+        }
+        for fraction in (0, 0.5, 1)
+        for name, loss in DIVERGENCES.items()
+    },
+}
+
+
 def _engine(rollout: dict[str, Any], max_staleness: int = 0) -> dict[str, Any]:
     """On-policy GKD with reverse KL, sampled by `rollout` (evaluated by transformers, like
     every arm), optionally pipelined `max_staleness` steps ahead."""
@@ -165,6 +201,7 @@ SUITES: dict[str, tuple[tuple[DemoTask, ...], dict[str, dict[str, Any]]]] = {
     "default": ((GRAPH,), METHODS),
     "objectives": ((GRAPH, ARITHMETIC), OBJECTIVES),
     "engines": ((GRAPH,), ENGINES),
+    "gkd": ((CHAIN,), GKD_GRID),
 }
 # Suites whose models differ from the default ones (own cache): vLLM on CPU needs attention
 # heads of at least 32 dimensions.
@@ -174,6 +211,12 @@ SUITE_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
 QUICK_SUITE_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
     "engines": {"teacher_size": (64, 1, 2), "student_size": (32, 1, 1)},
 }
+# How a suite's runs differ from the default ones (the models stay those of the task's cache).
+SUITE_RUNS: dict[str, dict[str, Any]] = {
+    "gkd": {"eval_every": 25},
+}
+# Settings that change only the method runs, not the cached teacher and initial student.
+RUN_FIELDS = ("eval_samples", "method_steps", "method_lr", "on_policy_lr", "eval_every")
 METRICS = ["accuracy", "pass@1", "pass@4", "pass@16", "distinct_correct", "teacher_rkl"]
 HEADERS = {
     "distinct_correct": "distinct correct",
@@ -278,7 +321,15 @@ def suite_settings(suite: str, quick: bool) -> DemoSettings:
     """The sizes of `suite`'s models and runs."""
     settings = DemoSettings.quick() if quick else DemoSettings()
     sizes = (QUICK_SUITE_SIZES if quick else SUITE_SIZES).get(suite, {})
-    return dataclasses.replace(settings, **sizes)
+    runs = {k: v for k, v in SUITE_RUNS.get(suite, {}).items() if not quick or k == "eval_every"}
+    return dataclasses.replace(settings, **sizes, **runs)
+
+
+def models_fingerprint(task: DemoTask, settings: DemoSettings) -> str:
+    """What the cached teacher and initial student of `task` are built from: every setting but
+    those of the method runs (`RUN_FIELDS`)."""
+    models = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUN_FIELDS}
+    return settings_fingerprint(DEMO_VERSION, task, models)
 
 
 def prepare(
@@ -290,7 +341,7 @@ def prepare(
 ) -> Path:
     """Tokenizer, teacher and initial student for `task`, trained once and cached."""
     root = cache_dir / _cache_name(task, quick, suite)
-    fingerprint = settings_fingerprint(DEMO_VERSION, task, settings)
+    fingerprint = models_fingerprint(task, settings)
     if cached(root, fingerprint, "teacher and initial student"):
         return root
     instance, train, evals = task_data(settings, task)
@@ -330,14 +381,33 @@ def run_demo(
     prepare_only: bool = False,
     quick: bool = False,
     suite: str = "default",
+    only: tuple[str, ...] = (),
+    **run_settings: Any,
 ) -> dict[str, Any]:
-    """Run a suite; return what it writes to `results.json`."""
+    """Run a suite; return what it writes to `results.json`.
+
+    only: run just the methods whose names contain one of these strings.
+    run_settings: `DemoSettings` fields of the method runs (`RUN_FIELDS`, e.g. `method_lr`,
+        `on_policy_lr`, `eval_every`) that override the suite's; None values are ignored.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     settings = suite_settings(suite, quick)
+    unknown = sorted(set(run_settings) - set(RUN_FIELDS))
+    if unknown:
+        raise OpdistillError(f"run_demo: unknown run setting {unknown[0]!r}")
+    overrides = {k: v for k, v in run_settings.items() if v is not None}
+    settings = dataclasses.replace(settings, **overrides)
     tasks, methods = SUITES[suite]
+    if only:
+        methods = {m: o for m, o in methods.items() if any(text in m for text in only)}
+        if not methods:
+            raise OpdistillError(
+                f"--only {' '.join(only)}: no method of the {suite} suite matches "
+                f"(methods: {', '.join(SUITES[suite][1])})"
+            )
     cache = cache_dir or default_cache_dir()
     roots = {t.name: prepare(cache, settings, t, quick, suite) for t in tasks}
     if prepare_only:
@@ -352,6 +422,8 @@ def run_demo(
         per_seed.update({prefix + m: r for m, r in results.items()})
         curves = {m: summarise_curves([_curve(r) for r in runs]) for m, runs in results.items()}
         name = f"pass_at_k_{task.name}.png" if len(tasks) > 1 else "pass_at_k.png"
+        if settings.eval_every:
+            plots += plot_task_curves(output_dir, task, methods, steps, seeds)
         plots.append(
             plot_pass_at_k(
                 curves,
@@ -361,9 +433,31 @@ def run_demo(
             )
         )
 
-    header = {"suite": suite, "steps_per_method": steps, "seeds": seeds}
+    header = {"suite": suite, "steps_per_method": steps, "seeds": seeds, "methods": list(methods)}
     header["settings"] = dataclasses.asdict(settings)
     return report_results(output_dir, header, per_seed, METRICS, HEADERS, plots, started)
+
+
+CURVE_METRICS = ("accuracy", "pass@1")
+
+
+def plot_task_curves(
+    output_dir: Path, task: DemoTask, methods: dict[str, Any], steps: int, seeds: int
+) -> list[Path]:
+    """Learning curves of every method of `task`: each of `CURVE_METRICS` against the step and
+    against the training seconds (mean ± std over the seeds), one PNG each."""
+    runs = output_dir / "runs" / task.name
+    run_dirs = [runs / f"{slug(m)}-seed{seed}" for seed in range(seeds) for m in methods]
+    names = {slug(m): m for m in methods}
+    plots = []
+    for metric in CURVE_METRICS:
+        for x in ("step", "seconds"):
+            curves = learning_curves(run_dirs, metric, x)
+            labelled = {names[group]: curve for group, curve in curves.items()}
+            path = output_dir / f"curve_{task.name}_{metric.replace('@', '_at_')}_{x}.png"
+            title = f"{task.name}: {metric}, {steps} steps, {seeds} seed{'s' * (seeds > 1)}"
+            plots.append(plot_learning_curves(labelled, path, metric, X_LABELS[x], title))
+    return plots
 
 
 README_START = "<!-- demo-results:start -->"
@@ -455,7 +549,9 @@ def _run_task(
         run_dir = output_dir / "runs" / task.name / f"{slug(method)}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         options = methods[method]
-        config = run_config(settings, task, run_dir, steps, seed, settings.method_lr, options)
+        if settings.eval_every:
+            options = merge_options(options, {"train": {"eval_every": settings.eval_every}})
+        config = run_config(settings, task, run_dir, steps, seed, settings.lr(options), options)
         trainer = Trainer(
             config,
             copy.deepcopy(student_init),
