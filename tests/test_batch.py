@@ -51,3 +51,15 @@ def test_dataset_batch_appends_eos_and_uses_chat_template(tokenizer, graph_task)
         assert tokenizer.decode(kept[:-1]) == example.completion
         prompt = tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row].bool()])
         assert prompt.startswith("<|bos|> <|user|>") and prompt.endswith("<|assistant|>")
+
+
+def test_a_response_prefix_is_in_the_response_but_out_of_the_mask(tokenizer, graph_task):
+    from opdistill.tasks import Example
+
+    example = graph_task.examples("train", 1)[0]
+    first, rest = example.completion.split(" ", 1)
+    given = Example(example.prompt, rest, response_prefix=first)
+    batch = dataset_batch(tokenizer, [example, given])
+    plain, prefixed = batch.response_ids.tolist()
+    assert plain == prefixed  # the same tokens ...
+    assert batch.response_mask.tolist() == [[1] * len(plain), [0] + [1] * (len(plain) - 1)]

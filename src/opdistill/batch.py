@@ -219,14 +219,20 @@ def batch_logits(model: PreTrainedModel, batch: Batch, vocab_size: int | None) -
 
 
 def dataset_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> Batch:
-    """A batch whose responses are the examples' reference completions."""
+    """A batch whose responses are the examples' reference completions (after their
+    `response_prefix`, whose tokens are in the response but out of its mask)."""
     check_completions(examples)
     prompt_ids, prompt_mask = left_pad(
         [chat_prompt(tokenizer, e.prompt) for e in examples], tokenizer.pad_token_id
     )
-    response_ids, response_mask = right_pad(
-        [completion_ids(tokenizer, e.completion) for e in examples], tokenizer.pad_token_id
-    )
+    prefixes = [encode_text(tokenizer, e.response_prefix or "") for e in examples]
+    responses = [
+        [*prefix, *completion_ids(tokenizer, e.completion)]
+        for prefix, e in zip(prefixes, examples, strict=True)
+    ]
+    response_ids, response_mask = right_pad(responses, tokenizer.pad_token_id)
+    for row, prefix in enumerate(prefixes):
+        response_mask[row, : len(prefix)] = 0
     return Batch(prompt_ids, prompt_mask, response_ids, response_mask, list(examples))
 
 

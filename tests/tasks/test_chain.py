@@ -73,3 +73,37 @@ def test_word_tokenizer_round_trip_splits_digits_and_still_verifies():
 def test_invalid_knobs(kwargs, knob):
     with pytest.raises(OpdistillError, match=knob):
         make_task("chain", **kwargs)
+
+
+def test_final_verification_accepts_a_repaired_mistake_and_needs_the_answer():
+    strict = ChainTask(min_steps=3, max_steps=3, max_value=9)
+    final = ChainTask(min_steps=3, max_steps=3, max_value=9, verify="final")
+    example = final.examples("eval", 1)[0]
+    first = example.completion.split(" . ")[0]
+    repaired = example.completion.replace(first, first + "0", 1)
+    assert final.is_correct(example, repaired) and not strict.is_correct(example, repaired)
+    answer = str(example.meta["answer"])
+    assert not final.is_correct(example, example.completion[: -len(answer)] + "42")
+    assert not final.is_correct(example, example.completion.rsplit("####", 1)[0])
+    with pytest.raises(OpdistillError, match="verify"):
+        ChainTask(verify="lenient")
+
+
+def test_repair_examples_go_on_from_the_right_value_after_one_wrong_result():
+    task = ChainTask(min_steps=3, max_steps=5, max_value=9, verify="final")
+    examples = task.examples("train", 300, seed=2)
+    repaired = task.repair_examples(examples)
+    assert task.repair_examples(examples) == repaired
+    broken_at = set()
+    for example, repair in zip(examples, repaired, strict=True):
+        assert repair.prompt == example.prompt and repair.meta == example.meta
+        whole = f"{repair.response_prefix} {repair.completion}"
+        index = task.first_error(example, whole)
+        broken_at.add(index)
+        # The prefix ends at its one mistake; the rest is the reference from the next step on.
+        steps = example.completion.split(" . ")
+        assert repair.response_prefix.count(" . ") == index
+        assert repair.response_prefix.split(" . ")[:index] == steps[:index]
+        assert whole.split(" . ")[index + 1 :] == steps[index + 1 :]
+        assert task.is_correct(example, whole)
+    assert broken_at == {0, 1, 2, 3, 4}

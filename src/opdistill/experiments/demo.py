@@ -59,6 +59,9 @@ class DemoTask:
     max_new_tokens: int = 12
     teacher_steps: int | None = None  # SFT steps, when the settings' default does not suit
     student_init_steps: int | None = None
+    # Train the teacher also on the task's `repair_examples`, so that it goes on correctly
+    # from a student's mistake (as a large model does) instead of carrying the mistake on.
+    teacher_repairs: bool = False
 
 
 GRAPH = DemoTask("graph", {"num_nodes": 10, "path_length": 2, "num_distractors": 2}, 12)
@@ -67,7 +70,14 @@ ARITHMETIC = DemoTask("arithmetic", {"num_steps": 2, "max_value": 9}, 24, 600, 1
 # Chains of 3-5 single-digit operations, every intermediate result written out (responses of
 # 20-32 tokens, judged wrong at the first wrong step): a task where early mistakes derail the
 # rest of the response.
-CHAIN = DemoTask("chain", {"min_steps": 3, "max_steps": 5, "max_value": 9}, 40, 500, 300)
+CHAIN = DemoTask(
+    "chain",
+    {"min_steps": 3, "max_steps": 5, "max_value": 9, "verify": "final"},
+    40,
+    teacher_steps=800,
+    student_init_steps=300,
+    teacher_repairs=True,
+)
 TASK = {"task": GRAPH.name, "task_args": GRAPH.task_args}  # what the example configs use
 MAX_NEW_TOKENS = GRAPH.max_new_tokens
 
@@ -360,11 +370,15 @@ def prepare(
         sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0, "progress": True}}
         run_dir = root / f"{role}_run"
         config = run_config(settings, task, run_dir, steps, 0, settings.teacher_lr, sft)
+        data = train
+        if role == "teacher" and task.teacher_repairs:
+            data = train + instance.repair_examples(train)
         print(
             f"{task.name}: training the {role.replace('_', ' ')} by SFT, "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps"
+            + (", half of its examples repairs of a mistake" if data is not train else "")
         )
-        Trainer(config, model, tokenizer, instance, train).train()
+        Trainer(config, model, tokenizer, instance, data).train()
         model.save_pretrained(root / role)
         tokenizer.save_pretrained(root / role)
         shutil.rmtree(run_dir, ignore_errors=True)

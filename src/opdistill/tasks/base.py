@@ -20,12 +20,16 @@ class Example:
     completion: a reference response for off-policy training (SFT, supervised KD).
     reference: privileged context a teacher may see (e.g. a worked solution).
     meta: task-specific data the verifier needs (graph edges, final answer, ...).
+    response_prefix: a given start of the response, before `completion`: off-policy training
+        conditions on its tokens but takes no loss on them (e.g. a teacher taught to continue
+        correctly after a mistake).
     """
 
     prompt: str
     completion: str | None = None
     reference: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    response_prefix: str | None = None
 
 
 class Task(ABC):

@@ -22,6 +22,7 @@ from opdistill.errors import OpdistillError
 from opdistill.tasks.base import Example, Task, check_int, generate_split
 
 Step = tuple[int, str, int, int]  # value, operator, operand, result
+VERIFY_MODES = ("strict", "final")
 
 
 def step_text(step: Step) -> str:
@@ -35,6 +36,7 @@ class ChainTask(Task):
 
     min_steps, max_steps: number of operations after the starting value (1 or more).
     max_value: every intermediate value stays within [0, max_value].
+    verify: "strict" (every step right) or "final" (only the final answer).
     """
 
     name: ClassVar[str] = "chain"
@@ -42,11 +44,16 @@ class ChainTask(Task):
     min_steps: int = 3
     max_steps: int = 5
     max_value: int = 20
+    verify: str = "strict"
 
     def __post_init__(self) -> None:
         check_int("min_steps", self.min_steps, 1)
         check_int("max_steps", self.max_steps, self.min_steps)
         check_int("max_value", self.max_value, 2)
+        if self.verify not in VERIFY_MODES:
+            raise OpdistillError(
+                f"chain: verify={self.verify!r} must be one of {', '.join(VERIFY_MODES)}"
+            )
 
     def _make(self, rng: random.Random) -> Example:
         value = rng.randint(0, self.max_value)
@@ -89,8 +96,37 @@ class ChainTask(Task):
         return None
 
     def is_correct(self, example: Example, response: str) -> bool:
-        """Every intermediate result and the final answer are right (see `first_error`)."""
+        """`verify: strict`: every intermediate result and the final answer are right (see
+        `first_error`); `verify: final`: the number after the last "####" is the answer."""
+        if self.verify == "final":
+            _, sep, answer = "".join(response.split()).rpartition("####")
+            return bool(sep) and answer == str(example.meta["answer"])
         return self.first_error(example, response) is None
+
+    def repair_examples(self, examples: list[Example], seed: int = 0) -> list[Example]:
+        """One example per example: its worked solution with one result, picked at random,
+        replaced by a wrong value, as a `response_prefix` that ends at that mistake; the
+        completion goes on from the right value. Trained on these, a model learns to continue
+        correctly after a mistake instead of carrying it on."""
+        rng = random.Random(f"{self.name}-repair-{seed}")
+        repaired = []
+        for example in examples:
+            steps = [tuple(s) for s in example.meta["steps"]]
+            index = rng.randrange(len(steps))
+            value, op, operand, result = steps[index]
+            wrong = rng.choice([v for v in range(self.max_value + 1) if v != result])
+            prefix = [*map(step_text, steps[:index]), step_text((value, op, operand, wrong))]
+            completion = [*map(step_text, steps[index + 1 :]), f"#### {example.meta['answer']}"]
+            repaired.append(
+                Example(
+                    prompt=example.prompt,
+                    completion=" ".join(completion),
+                    reference=example.reference,
+                    meta=example.meta,
+                    response_prefix=" ".join(prefix),
+                )
+            )
+        return repaired
 
     @property
     def has_golden(self) -> bool:
