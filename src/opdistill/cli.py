@@ -318,16 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         choices=[
             "default",
+            "gkd",
+            "graph",
             "objectives",
             "engines",
             "self-distill",
             "self-distill-frontier",
             "multi-teacher",
             "cross-tokenizer",
-            "gkd",
         ],
         default="default",
-        help="default: the GKD family on the graph task; objectives: every "
+        help="default: the GKD family on arithmetic chains with 256 labelled prompts; gkd: "
+        "GKD's grid (SFT, SeqKD, λ ∈ {0, 0.5, 1} × FKL, RKL, JSD 0.1/0.5/0.9) on that task with "
+        "learning curves; graph: the GKD family on the graph task; objectives: every "
         "objective on the graph and arithmetic tasks; engines: on-policy GKD sampled by "
         "transformers, by vLLM and pipelined one step stale (from .venv-vllm); self-distill: "
         "self-distillation's diversity cost against RL and GKD, in and out of distribution; "
@@ -339,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--output-dir",
         default=None,
-        help="default: runs/demo (runs/demo-objectives for that suite)",
+        help="default: runs/demo (runs/demo-SUITE for another suite)",
     )
     demo.add_argument(
         "--cache-dir",
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=int,
         default=None,
-        help="evaluate every N steps for learning curves (the gkd suite: 25)",
+        help="evaluate every N steps for learning curves (the gkd suite: 50)",
     )
     demo.add_argument(
         "--reuse-runs",

@@ -9,11 +9,13 @@ For each task of the chosen suite:
 4. print one markdown table, write `results.json` and pass@k plots to the output directory
    (`update_readme_results` puts the table into a README between its two markers).
 
-Suites: `default` (graph task; SFT, SeqKD, supervised KD, on-policy GKD with JSD(0.9) and reverse
-KL, mixed λ = 0.5), `objectives` (graph and arithmetic tasks; every objective of
-docs/objectives.md) and `engines` (graph task; on-policy GKD with reverse KL sampled by
-transformers `generate`, by a vLLM engine, and pipelined one step stale on hf_static and on vLLM;
-run it from .venv-vllm).
+Suites: `default` (arithmetic chains, reference solutions for 256 prompts; SFT, SeqKD,
+supervised KD, on-policy GKD with JSD(0.9) and reverse KL, mixed λ = 0.5), `gkd` (the same task;
+GKD's grid of λ ∈ {0, 0.5, 1} and five divergences beside SFT and SeqKD, with learning curves),
+`graph` (the default methods on the graph task), `objectives` (graph and arithmetic tasks; every
+objective of docs/objectives.md) and `engines` (graph task; on-policy GKD with reverse KL sampled
+by transformers `generate`, by a vLLM engine, and pipelined one step stale on hf_static and on
+vLLM; run it from .venv-vllm).
 """
 
 from __future__ import annotations
@@ -59,24 +61,24 @@ class DemoTask:
     max_new_tokens: int = 12
     teacher_steps: int | None = None  # SFT steps, when the settings' default does not suit
     student_init_steps: int | None = None
-    # Train the teacher also on the task's `repair_examples`, so that it goes on correctly
-    # from a student's mistake (as a large model does) instead of carrying the mistake on.
-    teacher_repairs: bool = False
+    # Reference solutions for only the first N training prompts: the initial student and every
+    # method train on those prompts (the teacher on all of them), the regime of distillation.
+    labelled_prompts: int | None = None
 
 
 GRAPH = DemoTask("graph", {"num_nodes": 10, "path_length": 2, "num_distractors": 2}, 12)
 # Single-digit values: the teacher masters it in 600 steps; 150 leave the student at ~40%.
 ARITHMETIC = DemoTask("arithmetic", {"num_steps": 2, "max_value": 9}, 24, 600, 150)
 # Chains of 3-5 single-digit operations, every intermediate result written out (responses of
-# 20-32 tokens, judged wrong at the first wrong step): a task where early mistakes derail the
-# rest of the response.
+# 20-32 tokens, judged wrong at the first wrong step): early mistakes derail the rest of the
+# response. The teacher learns from 20,000 worked solutions; the student has 256.
 CHAIN = DemoTask(
     "chain",
-    {"min_steps": 3, "max_steps": 5, "max_value": 9, "verify": "final"},
+    {"min_steps": 3, "max_steps": 5, "max_value": 9},
     40,
-    teacher_steps=800,
+    teacher_steps=500,
     student_init_steps=300,
-    teacher_repairs=True,
+    labelled_prompts=256,
 )
 TASK = {"task": GRAPH.name, "task_args": GRAPH.task_args}  # what the example configs use
 MAX_NEW_TOKENS = GRAPH.max_new_tokens
@@ -208,7 +210,8 @@ ENGINES: dict[str, dict[str, Any]] = {
 }
 
 SUITES: dict[str, tuple[tuple[DemoTask, ...], dict[str, dict[str, Any]]]] = {
-    "default": ((GRAPH,), METHODS),
+    "default": ((CHAIN,), METHODS),
+    "graph": ((GRAPH,), METHODS),
     "objectives": ((GRAPH, ARITHMETIC), OBJECTIVES),
     "engines": ((GRAPH,), ENGINES),
     "gkd": ((CHAIN,), GKD_GRID),
@@ -223,7 +226,7 @@ QUICK_SUITE_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
 }
 # How a suite's runs differ from the default ones (the models stay those of the task's cache).
 SUITE_RUNS: dict[str, dict[str, Any]] = {
-    "gkd": {"eval_every": 25},
+    "gkd": {"eval_every": 50},
 }
 # Settings that change only the method runs, not the cached teacher and initial student.
 RUN_FIELDS = ("eval_samples", "method_steps", "method_lr", "on_policy_lr", "eval_every")
@@ -370,13 +373,11 @@ def prepare(
         sft = {"loss": {"kind": "nll"}, "train": {"student_data_fraction": 0.0, "progress": True}}
         run_dir = root / f"{role}_run"
         config = run_config(settings, task, run_dir, steps, 0, settings.teacher_lr, sft)
-        data = train
-        if role == "teacher" and task.teacher_repairs:
-            data = train + instance.repair_examples(train)
+        data = train if role == "teacher" else train[: task.labelled_prompts]
         print(
             f"{task.name}: training the {role.replace('_', ' ')} by SFT, "
-            f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps"
-            + (", half of its examples repairs of a mistake" if data is not train else "")
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {steps} steps "
+            f"on {len(data)} labelled prompts"
         )
         Trainer(config, model, tokenizer, instance, data).train()
         model.save_pretrained(root / role)
@@ -543,6 +544,7 @@ def _run_task(
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
     instance, train, evals = task_data(settings, task)
+    train = train[: task.labelled_prompts]
     scorer = model_teacher(teacher, len(tokenizer))
     ec = run_config(settings, task, output_dir, 1, 0, 1.0).eval
 

@@ -40,6 +40,7 @@ from opdistill.eval import (
 )
 from opdistill.experiments.demo import (
     ARITHMETIC,
+    CHAIN,
     GRAPH,
     OBJECTIVES,
     DemoSettings,
@@ -53,7 +54,7 @@ from opdistill.experiments.demo import (
 from opdistill.files import write_atomic
 from opdistill.tasks import Example, Task
 
-TASKS = {"arithmetic": ARITHMETIC, "graph": GRAPH}
+TASKS = {"arithmetic": ARITHMETIC, "chain": CHAIN, "graph": GRAPH}
 DEFAULT_METHODS = ("SFT", "supervised KD (FKL)", "GKD (λ=1, RKL)", "GKD (λ=1, JSD 0.9)")
 CURVE_METRICS = ("accuracy", "pass@1", "golden_kl", "golden_mass", "teacher_rkl")
 
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     student_init = AutoModelForCausalLM.from_pretrained(root / "student_init")
     task, train, evals = task_data(settings, demo_task)
+    train = train[: demo_task.labelled_prompts]
     scorer = model_teacher(teacher, len(tokenizer))
     steps = args.steps or settings.method_steps
     out: Path = args.output_dir
