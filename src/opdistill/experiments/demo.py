@@ -64,6 +64,8 @@ class DemoTask:
     # Reference solutions for only the first N training prompts: the initial student and every
     # method train on those prompts (the teacher on all of them), the regime of distillation.
     labelled_prompts: int | None = None
+    # Whether prompts have several correct responses (else "distinct correct" is left out).
+    several_answers: bool = True
 
 
 GRAPH = DemoTask("graph", {"num_nodes": 10, "path_length": 2, "num_distractors": 2}, 12)
@@ -79,6 +81,7 @@ CHAIN = DemoTask(
     teacher_steps=500,
     student_init_steps=300,
     labelled_prompts=256,
+    several_answers=False,
 )
 TASK = {"task": GRAPH.name, "task_args": GRAPH.task_args}  # what the example configs use
 MAX_NEW_TOKENS = GRAPH.max_new_tokens
@@ -450,7 +453,10 @@ def run_demo(
 
     header = {"suite": suite, "steps_per_method": steps, "seeds": seeds, "methods": list(methods)}
     header["settings"] = dataclasses.asdict(settings)
-    return report_results(output_dir, header, per_seed, METRICS, HEADERS, plots, started)
+    metrics = [
+        m for m in METRICS if m != "distinct_correct" or any(t.several_answers for t in tasks)
+    ]
+    return report_results(output_dir, header, per_seed, metrics, HEADERS, plots, started)
 
 
 CURVE_METRICS = ("accuracy", "pass@1")
