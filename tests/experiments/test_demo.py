@@ -34,6 +34,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| method |" in printed and "GKD on-policy (λ=1, RKL)" in printed
+    assert "distinct correct" not in printed  # the chain task has one answer per prompt
+    assert "on 256 labelled prompts" in printed and "on 500 labelled prompts" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["summary"]) == {"teacher", "initial student", *METHODS}
     assert all(len(results["per_seed"][m]) == 2 for m in METHODS)
