@@ -239,7 +239,8 @@ REAL_EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "real").glob("*
 @pytest.mark.parametrize("path", REAL_EXAMPLES, ids=lambda p: p.name)
 def test_real_model_examples_are_valid(path):
     config = load_config(path)
-    assert opd_gguf.is_gguf_spec(config.model.teacher or config.model.student)
+    models = (config.model.teacher, config.model.student, config.model.tokenizer)
+    assert any(opd_gguf.is_gguf_spec(spec) for spec in models if spec)
     task = make_task(config.data.task, **config.data.task_args)
     example = task.examples("eval", 1)[0]
     assert task.is_correct(example, example.completion)
