@@ -366,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the methods whose names contain one of these",
     )
     demo.add_argument(
-        "--lr", type=float, default=None, help="learning rate of the method runs (a sweep)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of every method run (of the off-policy ones with --on-policy-lr)",
     )
     demo.add_argument(
         "--on-policy-lr",

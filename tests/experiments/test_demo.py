@@ -251,3 +251,14 @@ def test_demo_only_that_matches_no_method_is_a_one_line_error(tmp_path, capsys):
     assert main([*args, "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no method of the gkd suite matches" in err and len(err.splitlines()) == 1
+
+
+def test_one_learning_rate_overrides_both_tuned_family_rates():
+    tuned = suite_settings("default", False)
+    assert (tuned.method_lr, tuned.on_policy_lr) == (6e-3, 3e-3)
+    shared = suite_settings("default", False, method_lr=5e-4, on_policy_lr=None)
+    assert (shared.method_lr, shared.on_policy_lr) == (5e-4, 5e-4)
+    split = suite_settings("gkd", False, method_lr=1e-3, on_policy_lr=2e-3)
+    assert (split.method_lr, split.on_policy_lr, split.eval_every) == (1e-3, 2e-3, 50)
+    with pytest.raises(OpdistillError, match="teacher_lr"):
+        suite_settings("default", False, teacher_lr=1.0)

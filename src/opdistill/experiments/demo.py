@@ -337,12 +337,19 @@ def _cache_name(task: DemoTask, quick: bool, suite: str = "default") -> str:
     return f"{name}-quick" if quick else name
 
 
-def suite_settings(suite: str, quick: bool) -> DemoSettings:
-    """The sizes of `suite`'s models and runs."""
+def suite_settings(suite: str, quick: bool, **run_settings: Any) -> DemoSettings:
+    """The sizes of `suite`'s models and runs, with `run_settings` (`RUN_FIELDS`; None values
+    ignored) over the suite's; a `method_lr` without `on_policy_lr` is every method's."""
+    unknown = sorted(set(run_settings) - set(RUN_FIELDS))
+    if unknown:
+        raise OpdistillError(f"run_demo: unknown run setting {unknown[0]!r}")
     settings = DemoSettings.quick() if quick else DemoSettings()
     sizes = (QUICK_SUITE_SIZES if quick else SUITE_SIZES).get(suite, {})
     runs = {k: v for k, v in SUITE_RUNS.get(suite, {}).items() if not quick or k == "eval_every"}
-    return dataclasses.replace(settings, **sizes, **runs)
+    overrides = {k: v for k, v in run_settings.items() if v is not None}
+    if "method_lr" in overrides and "on_policy_lr" not in overrides:
+        overrides["on_policy_lr"] = overrides["method_lr"]
+    return dataclasses.replace(settings, **sizes, **{**runs, **overrides})
 
 
 def models_fingerprint(task: DemoTask, settings: DemoSettings) -> str:
@@ -410,18 +417,14 @@ def run_demo(
 
     only: run just the methods whose names contain one of these strings.
     run_settings: `DemoSettings` fields of the method runs (`RUN_FIELDS`, e.g. `method_lr`,
-        `on_policy_lr`, `eval_every`) that override the suite's; None values are ignored.
+        `on_policy_lr`, `eval_every`) that override the suite's; None values are ignored. A
+        `method_lr` without `on_policy_lr` is every method's learning rate.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    settings = suite_settings(suite, quick)
-    unknown = sorted(set(run_settings) - set(RUN_FIELDS))
-    if unknown:
-        raise OpdistillError(f"run_demo: unknown run setting {unknown[0]!r}")
-    overrides = {k: v for k, v in run_settings.items() if v is not None}
-    settings = dataclasses.replace(settings, **overrides)
+    settings = suite_settings(suite, quick, **run_settings)
     tasks, methods = SUITES[suite]
     if only:
         methods = {m: o for m, o in methods.items() if any(text in m for text in only)}
